@@ -57,11 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("asr").info("asr %s", " ".join(sys.argv[1:] if argv is None else argv))
+    log = logging.getLogger("asr")
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
-        logging.getLogger("asr").error("interrupted; rerun the same command to resume")
+        log.error("interrupted; rerun the same command to resume")
         return 130
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        # Bad input or configuration: the message names the file and the problem; a traceback
+        # would only hide it. --verbose keeps the traceback for debugging.
+        if args.verbose:
+            raise
+        log.error("%s: %s", type(e).__name__, e.args[0] if e.args else e)
+        return 2
     return int(rc or 0)
 
 

@@ -1,0 +1,325 @@
+"""The decoding graph HCLG, built once per (lang, LM) and reused by every system.
+
+This is Kaldi's ``utils/mkgraph.sh`` for a monophone system with kaldifst and kaldi-hmm-gmm:
+
+1. ``LG = L_disambig o G``, determinized (``determinize_star``, log semiring) and minimized
+   (``minimize_encoded``);
+2. ``CLG = C o LG`` by ``compose_context`` (monophone: context width 1), which also gives the
+   ilabel info (the phone window each CLG input label stands for);
+3. ``Ha`` from ``get_h_transducer`` (transition ids without self-loops, and the transition ids that
+   stand for the disambiguation symbols);
+4. ``HCLGa = Ha o CLG``, determinized; the disambiguation transition ids are relabelled to
+   epsilon by a text round trip (kaldifst has no ``fstrmsymbols``), epsilons removed, minimized;
+5. ``HCLG = add_self_loops(HCLGa)`` (self-loop scale 0.1, reordered, as Kaldi).
+
+An OpenFst FATAL error (for example determinizing a non-functional transducer when the lexicon's
+homophones lack disambiguation symbols) aborts the process, so the build runs in a child process
+(``python -m asr.graph --child ...``): a crash becomes a :class:`GraphError` that quotes the child's
+log (``graph/log/mkgraph.log``).
+
+Outputs (``graph/``): ``HCLG.fst``, ``words.txt``, ``info.json`` (states, arcs, size, build time,
+number of transition ids), ``config.yaml``, ``log/``, ``.done``.
+
+Example::
+
+    asr make-graph --lang-dir exp/mini/lang --lm-dir exp/mini/lm --out-dir exp/mini/graph
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
+from asr.io import atomic_path, atomic_write_json, is_done, mark_done, read_json
+
+__all__ = ["GraphConfig", "GraphError", "make_graph", "run_child", "fst_stats", "add_cli"]
+
+log = logging.getLogger(__name__)
+
+
+class GraphError(RuntimeError):
+    """Graph building failed (bad inputs, or an OpenFst/Kaldi crash in the child process)."""
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """How HCLG is built (Kaldi ``mkgraph.sh`` defaults)."""
+
+    self_loop_scale: float = 0.1     # scale on self-loop log-probs (Kaldi: 0.1)
+    transition_scale: float = 1.0    # scale on the other transition log-probs (Kaldi: 1.0)
+    rmepsilon: bool = True           # remove epsilons after the disambiguation symbols are gone
+    max_states_det: int = -1         # abort determinization beyond this many states (-1: no limit)
+
+    def __post_init__(self) -> None:
+        if self.self_loop_scale <= 0 or self.transition_scale <= 0:
+            raise ValueError("GraphConfig.self_loop_scale and transition_scale must be > 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Child processes
+
+
+def run_child(task: str, args: dict, log_path: str | os.PathLike, what: str) -> dict:
+    """Run ``task`` of :func:`_child_main` in a fresh Python process and return its JSON result.
+
+    The child's stdout/stderr go to ``log_path``; a non-zero exit (an OpenFst FATAL aborts the
+    process) raises :class:`GraphError` quoting the end of that log.
+    """
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "asr.graph", "--child", task, json.dumps(args)]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TQDM_DISABLE", "1")
+    t0 = time.time()
+    with open(log_path, "w", encoding="utf-8") as logf:
+        logf.write("# " + " ".join(cmd[:4]) + " '" + cmd[4] + "'\n")
+        logf.flush()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=logf, env=env, text=True)
+    tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+    if proc.returncode != 0:
+        sig = f" (killed by signal {-proc.returncode})" if proc.returncode < 0 else ""
+        raise GraphError(f"{what} failed in a child process with exit code {proc.returncode}{sig}; "
+                         f"log {log_path}:\n" + "\n".join(tail))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {}
+    log.debug("%s took %.1f s", what, time.time() - t0)
+    return result
+
+
+def _child_arpa2fst(arpa: str, words: str, out: str) -> dict:
+    import kaldilm
+
+    kaldilm.arpa2fst(arpa, output_fst=out, disambig_symbol="#0", read_symbol_table=words)
+    return {}
+
+
+def fst_stats(fst) -> dict:
+    """States, arcs (counted over states) and the size of the binary file when written."""
+    from kaldifst import StateIterator
+
+    arcs = 0
+    for s in StateIterator(fst):
+        arcs += fst.num_arcs(s)
+    return {"states": int(fst.num_states), "arcs": int(arcs)}
+
+
+def _relabel_text(fst, disambig: set[int], max_ilabel: int, what: str):
+    """Replace the input labels in ``disambig`` by epsilon through an OpenFst text round trip.
+
+    Any remaining input label above ``max_ilabel`` (a transition id the decoder cannot score)
+    is an error: it would index past the log-likelihood matrix.
+    """
+    import kaldifst
+
+    text = fst.to_str(show_weight_one=True)
+    out = []
+    n_relabelled = 0
+    for line in text.split("\n"):
+        if not line:
+            continue
+        c = line.split()
+        if len(c) >= 4:
+            il = int(c[2])
+            if il in disambig:
+                c[2] = "0"
+                n_relabelled += 1
+            elif il > max_ilabel:
+                raise GraphError(f"{what}: input label {il} is neither a transition id "
+                                 f"(<= {max_ilabel}) nor a disambiguation symbol")
+            out.append("\t".join(c))
+        else:
+            out.append("\t".join(c))
+    return kaldifst.compile("\n".join(out) + "\n"), n_relabelled
+
+
+def _child_hclg(lang_dir: str, g: str, out: str, cfg: dict, transition_stats: str | None) -> dict:
+    import kaldi_hmm_gmm as khg  # noqa: I001  (before kaldifst)
+    import kaldifst
+    import numpy as np
+
+    from asr.lang import load_lang
+
+    gc = GraphConfig(**cfg)
+    t0 = time.time()
+    lang = load_lang(lang_dir)
+    ctx = lang.ctx_dep()
+    tm = lang.transition_model()
+    if transition_stats:
+        stats = np.load(transition_stats, allow_pickle=False).astype(np.float64)
+        if stats.shape[0] != tm.num_transition_ids + 1:
+            raise GraphError(f"{transition_stats}: {stats.shape[0]} transition stats, expected "
+                             f"{tm.num_transition_ids + 1} (num_transition_ids + 1)")
+        tm.mle_update(stats.reshape(-1, 1), khg.MleTransitionUpdateConfig())
+    L = lang.L_disambig()
+    G = kaldifst.StdVectorFst.read(g)
+    kaldifst.arcsort(G, sort_type="ilabel")
+    kaldifst.arcsort(L, sort_type="olabel")
+    info: dict = {"G": fst_stats(G)}
+
+    print("composing L o G", file=sys.stderr, flush=True)
+    LG = kaldifst.compose(L, G)
+    print("determinizing LG", file=sys.stderr, flush=True)
+    if kaldifst.determinize_star(LG, max_states=gc.max_states_det, use_log=True):
+        raise GraphError(f"determinizing LG stopped at max_states_det={gc.max_states_det}")
+    kaldifst.minimize_encoded(LG)
+    kaldifst.arcsort(LG, sort_type="ilabel")
+    info["LG"] = fst_stats(LG)
+    if info["LG"]["states"] == 0:
+        raise GraphError("L o G is empty: no word of G is in the lexicon")
+
+    print("composing C o LG", file=sys.stderr, flush=True)
+    CLG, ilabels = kaldifst.compose_context(lang.disambig_phone_ids, ctx.context_width,
+                                            ctx.central_position, LG)
+    kaldifst.arcsort(CLG, sort_type="ilabel")
+    info["CLG"] = fst_stats(CLG)
+
+    print("making H", file=sys.stderr, flush=True)
+    Ha, disambig_tids = khg.get_h_transducer(ilabels, ctx, tm,
+                                              khg.HTransducerConfig(transition_scale=gc.transition_scale))
+    kaldifst.arcsort(Ha, sort_type="olabel")
+    print("composing Ha o CLG", file=sys.stderr, flush=True)
+    HCLGa = kaldifst.compose(Ha, CLG)
+    del CLG, LG, Ha
+    print("determinizing HCLGa", file=sys.stderr, flush=True)
+    if kaldifst.determinize_star(HCLGa, max_states=gc.max_states_det, use_log=True):
+        raise GraphError(f"determinizing HCLGa stopped at max_states_det={gc.max_states_det}")
+    HCLGa, n_rel = _relabel_text(HCLGa, set(disambig_tids), tm.num_transition_ids, "HCLGa")
+    if gc.rmepsilon:
+        kaldifst.rmepsilon(HCLGa)
+    kaldifst.minimize_encoded(HCLGa)
+    print("adding self-loops", file=sys.stderr, flush=True)
+    HCLG = khg.add_self_loops(self_loop_scale=gc.self_loop_scale, disambig_syms=[], reorder=True,
+                              trans_model=tm, ifst=HCLGa)
+    kaldifst.arcsort(HCLG, sort_type="ilabel")
+    if not HCLG.write(out):
+        raise GraphError(f"could not write {out}")
+    info["HCLG"] = fst_stats(HCLG)
+    info.update(disambig_tids=len(disambig_tids), disambig_arcs_relabelled=n_rel,
+                num_transition_ids=int(tm.num_transition_ids), num_pdfs=int(tm.num_pdfs),
+                trained_transitions=bool(transition_stats), build_seconds=round(time.time() - t0, 3))
+    return info
+
+
+def _child_main(argv: list[str]) -> int:
+    import kaldi_hmm_gmm  # noqa: F401  (must precede kaldifst)
+
+    task, args = argv[0], json.loads(argv[1])
+    fn = {"arpa2fst": _child_arpa2fst, "hclg": _child_hclg}.get(task)
+    if fn is None:
+        print(f"unknown child task {task!r}", file=sys.stderr)
+        return 2
+    try:
+        result = fn(**args)
+    except Exception as e:  # reported through the exit code and the log
+        print(f"ERROR: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# make_graph
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def make_graph(
+    lang_dir: str | os.PathLike,
+    lm_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: GraphConfig = GraphConfig(),
+    transition_stats: str | os.PathLike | None = None,
+) -> Path:
+    """Build ``HCLG.fst`` from ``lang_dir`` and ``lm_dir/G.fst``; skipped when up to date.
+
+    ``transition_stats``: optional ``.npy`` of transition-id counts ``(num_transition_ids + 1,)``
+    (e.g. accumulated by the GMM trainer); when given, the transition probabilities in HCLG are
+    ML re-estimated from them, otherwise the topology's initial probabilities are used.
+    Returns ``out_dir``.
+    """
+    lang_dir, lm_dir, out_dir = Path(lang_dir), Path(lm_dir), Path(out_dir)
+    if not is_done(lang_dir):
+        raise GraphError(f"lang directory {lang_dir} is not complete (run prepare-lang)")
+    g = lm_dir / "G.fst"
+    if not g.is_file():
+        raise GraphError(f"{g} does not exist (run train-lm)")
+    inputs = [lang_dir / "L_disambig.fst", lang_dir / "words.txt", lang_dir / "topo", g]
+    for p in inputs:
+        if not p.is_file():
+            raise GraphError(f"{p} does not exist")
+    ts = Path(transition_stats) if transition_stats is not None else None
+    stamp = {
+        "config_hash": config_hash(cfg),
+        "inputs": {p.name: _sha1(p) for p in inputs},
+        "transition_stats": _sha1(ts) if ts is not None else None,
+    }
+    if is_done(out_dir) and read_json(out_dir / ".done") == stamp:
+        log.info("graph %s is up to date; skipping", out_dir)
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ".done").unlink(missing_ok=True)
+    log.info("building HCLG in %s", out_dir)
+    t0 = time.time()
+    with atomic_path(out_dir / "HCLG.fst") as tmp:
+        info = run_child("hclg", {"lang_dir": str(lang_dir), "g": str(g), "out": str(tmp),
+                                  "cfg": config_to_dict(cfg),
+                                  "transition_stats": str(ts) if ts is not None else None},
+                         out_dir / "log" / "mkgraph.log", what=f"building HCLG from {lang_dir} and {g}")
+    info["wall_seconds"] = round(time.time() - t0, 3)
+    info["size_mb"] = round((out_dir / "HCLG.fst").stat().st_size / 2**20, 3)
+    with atomic_path(out_dir / "words.txt") as tmp:
+        shutil.copyfile(lang_dir / "words.txt", tmp)
+    atomic_write_json(out_dir / "info.json", info)
+    write_config(cfg, out_dir)
+    mark_done(out_dir, stamp)
+    log.info("HCLG: %d states, %d arcs, %.1f MB, built in %.1f s", info["HCLG"]["states"],
+             info["HCLG"]["arcs"], info["size_mb"], info["wall_seconds"])
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("make-graph", help="HCLG decoding graph (Kaldi mkgraph.sh)")
+    p.add_argument("--lang-dir", required=True, help="lang directory")
+    p.add_argument("--lm-dir", required=True, help="LM directory with G.fst")
+    p.add_argument("--out-dir", required=True, help="output graph directory")
+    p.add_argument("--transition-stats", default=None,
+                   help=".npy of transition-id counts to re-estimate transition probabilities")
+    p.add_argument("--config", default=None, help="YAML file with GraphConfig overrides")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one GraphConfig field")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    cfg = load_config(GraphConfig, args.config, parse_kv(args.overrides))
+    make_graph(args.lang_dir, args.lm_dir, args.out_dir, cfg, transition_stats=args.transition_stats)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "--child":
+        sys.exit(_child_main(sys.argv[2:]))
+    print("usage: python -m asr.graph --child TASK JSON  (internal; use `asr make-graph`)", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,672 @@
+"""The results report: ``RESULTS.md``, ``results.json`` and plots for one corpus.
+
+Everything is read from what earlier stages wrote, never recomputed from models:
+
+- ``decode/<system>/system.json``: ``{name, kind, params, seed?, members?, temperature?, hard_weight?}``
+- ``decode/<system>/<set>/wer.json`` (``wer`` in percent), ``frame_acc.json`` (``frame_acc``,
+  percent), ``per_utt`` (Kaldi ``#csid`` lines, for the paired bootstrap)
+- ``decode/<system>/tune.json``: ``{acwt, lm_weight}`` chosen on dev by the decode stage
+- ``distill/choice.json``: the temperature chosen on dev by :mod:`asr.distill`
+- ``members/*/train_log.csv`` and ``distill/*/train_log.csv``: training curves
+
+Choices (documented in RESULTS.md as well):
+
+- The baseline of the paper-style table is the *mean* over the members (``member-mean``), with
+  the standard deviation over members beside it.
+- Paired bootstrap tests need one real system per side, so there "baseline" is the member with
+  the median WER on that set (lower median for an even number of members). Pooling the members'
+  per-utterance errors would compare against an average that no single model achieves.
+- The reported distilled model is the one chosen by ``distill/choice.json`` (best dev frame
+  accuracy); without that file, the distilled system with the best frame accuracy on the first
+  dev set decoded. Test sets are never used to choose.
+- Whatever the numbers show is written down: when the ensemble does not beat the members, or the
+  distilled model keeps none of the gain, the report says so in words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import re
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from asr.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from asr.significance import PerUttError, align_utt_errors, paired_bootstrap_wer, read_per_utt
+
+__all__ = [
+    "ReportError",
+    "KINDS",
+    "PAPER_TABLE1",
+    "collect_systems",
+    "member_mean",
+    "build_results",
+    "format_table",
+    "print_table",
+    "write_plots",
+    "write_results_md",
+    "build_report",
+    "add_cli",
+]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("gmm", "member", "member-mean", "ensemble", "distilled")
+_KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
+
+# Hinton, Vinyals & Dean (2015), Table 1: test frame accuracy / WER (percent).
+PAPER_TABLE1 = {
+    "baseline": (58.9, 10.9),
+    "ensemble": (61.1, 10.7),
+    "distilled": (60.8, 10.7),
+}
+
+
+class ReportError(ValueError):
+    """A results file is missing a field or contradicts another; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _num(x: Any) -> float | None:
+    """JSON number -> float, with NaN / missing -> None (results.json never holds NaN)."""
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+def _infer_system(name: str) -> dict:
+    """system.json fallback from the naming convention (gmm-mono, member-seed<i>, ...)."""
+    if name.startswith("gmm"):
+        return {"name": name, "kind": "gmm"}
+    m = re.fullmatch(r"member-seed(\d+)", name)
+    if m:
+        return {"name": name, "kind": "member", "seed": int(m.group(1))}
+    m = re.fullmatch(r"ensemble-(\d+)", name)
+    if m:
+        return {"name": name, "kind": "ensemble", "members": int(m.group(1))}
+    m = re.fullmatch(r"distilled-T([0-9.]+)", name)
+    if m:
+        return {"name": name, "kind": "distilled", "temperature": float(m.group(1))}
+    if name == "member-mean":
+        return {"name": name, "kind": "member-mean"}
+    raise ReportError(f"decode/{name}: no system.json and the name follows no known pattern")
+
+
+def discover_sets(exp_dir: str | os.PathLike) -> list[str]:
+    """Set names that have a ``wer.json`` under some ``decode/<system>/``, dev sets first."""
+    decode = Path(exp_dir) / "decode"
+    names = {p.parent.name for p in decode.glob("*/*/wer.json")}
+    return sorted(names, key=lambda s: (not s.startswith("dev"), s))
+
+
+def collect_systems(exp_dir: str | os.PathLike, sets: Sequence[str]) -> list[dict]:
+    """One row per decoded system (member-mean excluded: the report computes it).
+
+    Each row: ``name, kind, params`` (+ ``seed`` / ``members`` / ``temperature`` / ``hard_weight``),
+    ``frame_acc`` and ``wer`` dicts keyed by set (None where the set was not decoded or scored).
+    """
+    decode = Path(exp_dir) / "decode"
+    if not decode.is_dir():
+        raise ReportError(f"{decode} does not exist: decode some systems first")
+    rows = []
+    for sdir in sorted(p for p in decode.iterdir() if p.is_dir()):
+        sj = sdir / "system.json"
+        if sj.is_file():
+            info = read_json(sj)
+            if not isinstance(info, dict) or "kind" not in info:
+                raise ReportError(f"{sj}: needs at least 'kind'")
+            info.setdefault("name", sdir.name)
+        else:
+            if not any((sdir / s / "wer.json").is_file() for s in sets):
+                continue
+            log.warning("%s missing; inferring the system from its name", sj)
+            info = _infer_system(sdir.name)
+        if info["kind"] not in KINDS:
+            raise ReportError(f"{sj}: kind {info['kind']!r} is not one of {KINDS}")
+        if info["kind"] == "member-mean":
+            continue
+        row: dict[str, Any] = {"name": str(info["name"]), "kind": info["kind"], "params": info.get("params")}
+        if info["kind"] == "member":
+            if "seed" not in info:
+                raise ReportError(f"{sj}: a member needs 'seed'")
+            row["seed"] = int(info["seed"])
+        if info["kind"] == "ensemble":
+            if "members" not in info:
+                raise ReportError(f"{sj}: an ensemble needs 'members'")
+            row["members"] = info["members"]
+        if info["kind"] == "distilled":
+            if "temperature" not in info:
+                raise ReportError(f"{sj}: a distilled system needs 'temperature'")
+            row["temperature"] = float(info["temperature"])
+            row["hard_weight"] = _num(info.get("hard_weight"))
+        row["frame_acc"] = {}
+        row["wer"] = {}
+        for s in sets:
+            wer = fa = None
+            wj = sdir / s / "wer.json"
+            if wj.is_file():
+                w = read_json(wj)
+                if "wer" not in w:
+                    raise ReportError(f"{wj}: no 'wer' field")
+                wer = _num(w["wer"])
+                fa = _num(w.get("frame_acc"))
+            fj = sdir / s / "frame_acc.json"
+            if fj.is_file():
+                fa = _num(read_json(fj).get("frame_acc"))
+            row["frame_acc"][s] = fa
+            row["wer"][s] = wer
+        row["_dir"] = str(sdir)
+        rows.append(row)
+    names = [r["name"] for r in rows]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ReportError(f"{decode}: system names used twice: {dup}")
+    return rows
+
+
+def _ensemble_size(row: dict) -> int:
+    m = row.get("members")
+    return len(m) if isinstance(m, (list, tuple)) else int(m)
+
+
+def _sort_key(row: dict) -> tuple:
+    k = row["kind"]
+    if k == "member":
+        sub: float = row["seed"]
+    elif k == "ensemble":
+        sub = _ensemble_size(row)
+    elif k == "distilled":
+        sub = row["temperature"]
+    else:
+        sub = 0
+    return (_KIND_ORDER[k], sub, row["name"])
+
+
+def member_mean(members: Sequence[dict], sets: Sequence[str]) -> dict | None:
+    """The ``member-mean`` row: mean and (population) std over members, per set and metric.
+
+    A set where some member lacks a value uses the members that have one.
+    """
+    if not members:
+        return None
+    row: dict[str, Any] = {"name": "member-mean", "kind": "member-mean",
+                           "params": members[0].get("params"), "num_members": len(members),
+                           "seeds": [m["seed"] for m in members]}
+    for metric in ("frame_acc", "wer"):
+        row[metric] = {}
+        row[metric + "_std"] = {}
+        for s in sets:
+            vals = [m[metric].get(s) for m in members if m[metric].get(s) is not None]
+            row[metric][s] = statistics.fmean(vals) if vals else None
+            row[metric + "_std"][s] = statistics.pstdev(vals) if vals else None
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def _pick_distilled(exp_dir: Path, distilled: list[dict], sets: Sequence[str]) -> tuple[dict | None, str]:
+    if not distilled:
+        return None, "no distilled system was decoded"
+    choice_file = exp_dir / "distill" / "choice.json"
+    if choice_file.is_file():
+        choice = read_json(choice_file)
+        t = _num(choice.get("best_temperature"))
+        for r in distilled:
+            if t is not None and math.isclose(r["temperature"], t):
+                crit = choice.get("criterion", "dev frame accuracy")
+                return r, f"T = {t:g}, chosen by {crit} on {choice.get('dev_set', 'dev')} (distill/choice.json)"
+        log.warning("%s chose T=%s but no distilled system with that temperature was decoded", choice_file, t)
+    dev = [s for s in sets if s.startswith("dev")]
+    for s in dev:
+        scored = [r for r in distilled if r["frame_acc"].get(s) is not None]
+        if scored:
+            best = max(scored, key=lambda r: (r["frame_acc"][s], -r["temperature"]))
+            return best, f"T = {best['temperature']:g}, best frame accuracy on {s} among the decoded students"
+    best = sorted(distilled, key=lambda r: (abs(r["temperature"] - 2.0), r["temperature"]))[0]
+    return best, (f"T = {best['temperature']:g}: no dev set was scored, so the paper's choice (closest to T = 2) "
+                  "is shown; it was NOT chosen on data")
+
+
+def _median_member(members: list[dict], s: str) -> dict | None:
+    scored = sorted((m for m in members if m["wer"].get(s) is not None), key=lambda m: (m["wer"][s], m["seed"]))
+    return scored[(len(scored) - 1) // 2] if scored else None
+
+
+def _bootstrap(a: dict, b: dict, s: str, num_samples: int, seed: int) -> dict | None:
+    pa = Path(a["_dir"]) / s / "per_utt"
+    pb = Path(b["_dir"]) / s / "per_utt"
+    if not (pa.is_file() and pb.is_file()):
+        return None
+    try:
+        ea, eb, ref = align_utt_errors(read_per_utt(pa), read_per_utt(pb), a["name"], b["name"])
+    except PerUttError as e:
+        log.warning("paired bootstrap %s vs %s on %s skipped: %s", a["name"], b["name"], s, e)
+        return None
+    res = paired_bootstrap_wer(ea, eb, ref, num_samples=num_samples, seed=seed)
+    return {"set": s, "a": a["name"], "b": b["name"], **res}
+
+
+def build_results(
+    exp_dir: str | os.PathLike,
+    corpus: str,
+    sets: Sequence[str],
+    bootstrap_samples: int = 1000,
+    bootstrap_seed: int = 0,
+) -> dict:
+    """Gather every decoded system into the ``results.json`` structure (see the module doc)."""
+    exp_dir = Path(exp_dir)
+    sets = list(sets)
+    rows = collect_systems(exp_dir, sets)
+    members = sorted((r for r in rows if r["kind"] == "member"), key=lambda r: r["seed"])
+    mm = member_mean(members, sets)
+    if mm is not None:
+        rows.append(mm)
+    rows.sort(key=_sort_key)
+    ensembles = [r for r in rows if r["kind"] == "ensemble"]
+    ens_full = max(ensembles, key=_ensemble_size) if ensembles else None
+    distilled = sorted((r for r in rows if r["kind"] == "distilled"), key=lambda r: r["temperature"])
+    best_dist, dist_reason = _pick_distilled(exp_dir, distilled, sets)
+
+    gain: dict[str, dict] = {}
+    for s in sets:
+        g: dict[str, float | None] = {}
+        for metric in ("frame_acc", "wer"):
+            base = mm[metric].get(s) if mm else None
+            ens = ens_full[metric].get(s) if ens_full else None
+            dist = best_dist[metric].get(s) if best_dist else None
+            if None in (base, ens, dist):
+                g[metric] = None
+                continue
+            improvement = (ens - base) if metric == "frame_acc" else (base - ens)
+            kept = (dist - base) if metric == "frame_acc" else (base - dist)
+            g[metric] = kept / improvement if improvement > 0 else None
+        gain[s] = g
+
+    significance: list[dict] = []
+    baseline_member: dict[str, str | None] = {}
+    for s in sets:
+        med = _median_member(members, s)
+        baseline_member[s] = med["name"] if med else None
+        pairs = [(med, ens_full), (med, best_dist), (ens_full, best_dist)]
+        for a, b in pairs:
+            if a is None or b is None or a is b:
+                continue
+            res = _bootstrap(a, b, s, bootstrap_samples, bootstrap_seed)
+            if res is not None:
+                significance.append(res)
+
+    tuning = {}
+    for r in rows:
+        if "_dir" in r and (Path(r["_dir"]) / "tune.json").is_file():
+            t = read_json(Path(r["_dir"]) / "tune.json")
+            tuning[r["name"]] = {k: t.get(k) for k in ("acwt", "lm_weight") if k in t}
+    choice_file = exp_dir / "distill" / "choice.json"
+    distill_choice = read_json(choice_file) if choice_file.is_file() else None
+
+    systems = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    return {
+        "corpus": corpus,
+        "sets": sets,
+        "systems": systems,
+        "baseline": "member-mean" if mm else None,
+        "ensemble": ens_full["name"] if ens_full else None,
+        "distilled": best_dist["name"] if best_dist else None,
+        "distilled_choice_reason": dist_reason,
+        "gain_kept": gain,
+        "bootstrap_baseline_member": baseline_member,
+        "significance": significance,
+        "bootstrap": {"num_samples": bootstrap_samples, "seed": bootstrap_seed,
+                      "baseline": "median-WER member per set"},
+        "tuning": tuning,
+        "distill_choice": distill_choice,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def _f(x: float | None, nd: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _row(results: dict, name: str | None) -> dict | None:
+    if name is None:
+        return None
+    return next((r for r in results["systems"] if r["name"] == name), None)
+
+
+def _paper_rows(results: dict, s: str) -> list[tuple[str, str, str]]:
+    base = _row(results, results.get("baseline"))
+    ens = _row(results, results.get("ensemble"))
+    dist = _row(results, results.get("distilled"))
+    out = []
+    if base:
+        out.append((f"Baseline (mean of {base['num_members']} members, ± std)",
+                    f"{_f(base['frame_acc'][s])} ± {_f(base['frame_acc_std'][s])}",
+                    f"{_f(base['wer'][s])} ± {_f(base['wer_std'][s])}"))
+    if ens:
+        out.append((f"{_ensemble_size(ens)}-member ensemble ({ens['name']})",
+                    _f(ens["frame_acc"][s]), _f(ens["wer"][s])))
+    if dist:
+        out.append((f"Distilled single model ({dist['name']})", _f(dist["frame_acc"][s]), _f(dist["wer"][s])))
+    return out
+
+
+def format_table(results: dict) -> str:
+    """The paper-style table of every set as plain text, for the terminal."""
+    lines = [f"Results for {results['corpus']} (frame accuracy / WER, percent)"]
+    for s in results["sets"]:
+        rows = _paper_rows(results, s)
+        if not rows:
+            continue
+        w = max(len(r[0]) for r in rows)
+        lines.append("")
+        lines.append(f"{s}:")
+        lines.append(f"  {'System'.ljust(w)}  {'Frame acc.':>16}  {'WER':>14}")
+        for name, fa, wer in rows:
+            lines.append(f"  {name.ljust(w)}  {fa:>16}  {wer:>14}")
+        g = results["gain_kept"].get(s, {}).get("frame_acc")
+        lines.append(f"  share of the ensemble's frame-accuracy gain kept by distillation: "
+                     f"{'n/a (no gain to keep)' if g is None else f'{100 * g:.0f}%'}")
+    return "\n".join(lines)
+
+
+def print_table(results: dict | str | os.PathLike) -> None:
+    """Print the paper-style table (results dict or a ``results.json`` path) to stdout."""
+    if not isinstance(results, dict):
+        results = read_json(results)
+    print(format_table(results))
+
+
+def _verdicts(results: dict, s: str) -> list[str]:
+    """Plain sentences stating what the numbers show, whatever they show."""
+    base = _row(results, results.get("baseline"))
+    ens = _row(results, results.get("ensemble"))
+    dist = _row(results, results.get("distilled"))
+    out = []
+    if base and ens:
+        bfa, efa = base["frame_acc"][s], ens["frame_acc"][s]
+        bw, ew = base["wer"][s], ens["wer"][s]
+        n = _ensemble_size(ens)
+        if bfa is not None and efa is not None:
+            if efa > bfa:
+                out.append(f"The {n}-member ensemble beats the members' mean frame accuracy by "
+                           f"{efa - bfa:+.2f} points ({efa:.2f}% vs {bfa:.2f}%).")
+            else:
+                out.append(f"**The {n}-member ensemble does NOT beat the members on frame accuracy** "
+                           f"({efa:.2f}% vs a member mean of {bfa:.2f}%).")
+        if bw is not None and ew is not None:
+            if ew < bw:
+                out.append(f"The ensemble lowers the WER from {bw:.2f}% (member mean) to {ew:.2f}%.")
+            else:
+                out.append(f"**The ensemble does NOT lower the WER** ({ew:.2f}% vs a member mean of {bw:.2f}%).")
+    if base and dist:
+        bfa, dfa = base["frame_acc"][s], dist["frame_acc"][s]
+        if bfa is not None and dfa is not None:
+            word = "above" if dfa > bfa else "NOT above"
+            out.append(f"The distilled model's frame accuracy ({dfa:.2f}%) is {word} the member mean ({bfa:.2f}%).")
+    g = results["gain_kept"].get(s, {})
+    if g.get("frame_acc") is not None:
+        out.append(f"The distilled model keeps {100 * g['frame_acc']:.0f}% of the ensemble's frame-accuracy gain "
+                   f"(paper: more than 80%).")
+    elif base and ens and dist:
+        out.append("The share of the gain kept is undefined: the ensemble has no frame-accuracy gain to keep.")
+    for sig in results["significance"]:
+        if sig["set"] != s:
+            continue
+        if sig["ci_low"] <= 0.0 <= sig["ci_high"]:
+            out.append(f"The WER difference {sig['b']} - {sig['a']} ({sig['delta']:+.2f}) is not significant "
+                       f"at 95% (CI {sig['ci_low']:+.2f} .. {sig['ci_high']:+.2f} includes 0).")
+    return out
+
+
+def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Path] = (),
+                     command: str | None = None) -> Path:
+    """Write RESULTS.md from a results dict (see :func:`build_results`)."""
+    path = Path(path)
+    sets = results["sets"]
+    L: list[str] = [f"# Results: {results['corpus']}", ""]
+    L.append(f"Made by `{command or 'asr report --exp-dir ' + str(path.parent)}` from the decode, distill "
+             "and training outputs beside this file (numbers in `results.json`). Frame accuracy and WER in "
+             "percent. Paper (Hinton et al. 2015, Table 1, test): baseline "
+             f"{PAPER_TABLE1['baseline'][0]} / {PAPER_TABLE1['baseline'][1]}, 10x ensemble "
+             f"{PAPER_TABLE1['ensemble'][0]} / {PAPER_TABLE1['ensemble'][1]}, distilled "
+             f"{PAPER_TABLE1['distilled'][0]} / {PAPER_TABLE1['distilled'][1]}.")
+    L.append("")
+    L.append(f"Reported distilled model: {results['distilled_choice_reason']}.")
+    L.append("")
+    for s in sets:
+        rows = _paper_rows(results, s)
+        if not rows:
+            continue
+        L += [f"## {s}", "", "| System | Frame acc. (%) | WER (%) |", "|---|---|---|"]
+        L += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        L.append("")
+        g = results["gain_kept"].get(s, {})
+        fa_kept = "n/a" if g.get("frame_acc") is None else f"{100 * g['frame_acc']:.0f}%"
+        wer_kept = "n/a" if g.get("wer") is None else f"{100 * g['wer']:.0f}%"
+        L.append(f"Share of the ensemble's gain kept by the distilled model, (distilled - baseline) / "
+                 f"(ensemble - baseline): frame accuracy {fa_kept}, WER {wer_kept}.")
+        L.append("")
+        L += [f"- {v}" for v in _verdicts(results, s)]
+        L.append("")
+
+    if results["significance"]:
+        L += ["## Paired bootstrap (WER difference B - A, 95% CI)", "",
+              f"Utterances resampled with replacement, {results['bootstrap']['num_samples']} samples, seed "
+              f"{results['bootstrap']['seed']}. \"Baseline\" here is one real system: the member with the median "
+              "WER on that set (lower median for an even count), because a paired test needs the same "
+              "system's errors on every utterance; pooling members would test an average that no single model "
+              "achieves. Negative delta: B has fewer errors.", "",
+              "| Set | A | B | delta WER | 95% CI | p |", "|---|---|---|---|---|---|"]
+        for sig in results["significance"]:
+            L.append(f"| {sig['set']} | {sig['a']} | {sig['b']} | {sig['delta']:+.2f} | "
+                     f"[{sig['ci_low']:+.2f}, {sig['ci_high']:+.2f}] | {sig['p_value']:.3f} |")
+        L.append("")
+
+    L += ["## All systems", ""]
+    head = "| System | Kind | Params | " + " | ".join(f"{s} FA | {s} WER" for s in sets) + " |"
+    L += [head, "|" + "---|" * (3 + 2 * len(sets))]
+    for r in results["systems"]:
+        cells = []
+        for s in sets:
+            fa, wer = r["frame_acc"].get(s), r["wer"].get(s)
+            if r["kind"] == "member-mean":
+                cells += [f"{_f(fa)} ± {_f(r['frame_acc_std'][s])}", f"{_f(wer)} ± {_f(r['wer_std'][s])}"]
+            else:
+                cells += [_f(fa), _f(wer)]
+        params = r.get("params")
+        L.append(f"| {r['name']} | {r['kind']} | {params if params is not None else 'n/a'} | " + " | ".join(cells) + " |")
+    L.append("")
+
+    L += ["## Chosen settings", ""]
+    if results["tuning"]:
+        L += ["Decoding weights tuned on dev by the decode stage (`decode/<system>/tune.json`):", "",
+              "| System | acwt | LM weight |", "|---|---|---|"]
+        for name, t in results["tuning"].items():
+            L.append(f"| {name} | {t.get('acwt', 'n/a')} | {t.get('lm_weight', 'n/a')} |")
+        L.append("")
+    else:
+        L += ["No `tune.json` found under `decode/`: the decode stage's defaults were used.", ""]
+    dc = results.get("distill_choice")
+    if dc:
+        L.append(f"Distillation temperature: T = {dc.get('best_temperature')} "
+                 f"(criterion: {dc.get('criterion', 'n/a')} on {dc.get('dev_set', 'n/a')}; "
+                 f"hard-target weight {dc.get('hard_weight', 'n/a')}).")
+        per_t = dc.get("per_temperature") or {}
+        if per_t:
+            L.append("")
+            L += ["| T | dev frame acc. (%) |", "|---|---|"]
+            L += [f"| {t} | {_f(_num(v))} |" for t, v in per_t.items()]
+        L.append("")
+    if plots:
+        L += ["## Plots", ""]
+        L += [f"![{p.stem}](plots/{p.name})" for p in plots]
+        L.append("")
+    atomic_write_text(path, "\n".join(L))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _read_train_log(path: Path) -> dict[str, list[float]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "epoch" not in reader.fieldnames:
+            raise ReportError(f"{path}: a train_log.csv needs an 'epoch' column")
+        cols: dict[str, list[float]] = {k: [] for k in reader.fieldnames}
+        for row in reader:
+            for k in cols:
+                v = _num(row.get(k))
+                cols[k].append(float("nan") if v is None else v)
+    return cols
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def write_plots(results: dict, exp_dir: str | os.PathLike, plots_dir: str | os.PathLike | None = None) -> list[Path]:
+    """PNG plots: metrics against ensemble size, against temperature, and training curves.
+
+    A plot whose data does not exist yet (e.g. no distilled systems) is skipped.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exp_dir = Path(exp_dir)
+    plots_dir = Path(plots_dir) if plots_dir else exp_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    sets = results["sets"]
+    systems = results["systems"]
+    base = _row(results, results.get("baseline"))
+    written: list[Path] = []
+
+    def metric_plot(rows: list[dict], xs: list[float], xlabel: str, title: str, fname: str, logx: bool) -> None:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, metric, ylab in zip(axes, ("frame_acc", "wer"), ("frame accuracy (%)", "WER (%)")):
+            for i, s in enumerate(sets):
+                ys = [r[metric].get(s) for r in rows]
+                pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+                if not pts:
+                    continue
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+                if base and base[metric].get(s) is not None:
+                    ax.axhline(base[metric][s], color=line.get_color(), linestyle="--", linewidth=0.8)
+            if logx:
+                ax.set_xscale("log")
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{x:g}" for x in xs])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylab)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(title + " (dashed: member mean)")
+        written.append(_save(fig, plots_dir / fname))
+        plt.close(fig)
+
+    ens = sorted((r for r in systems if r["kind"] == "ensemble"), key=_ensemble_size)
+    if ens:
+        metric_plot(ens, [_ensemble_size(r) for r in ens], "ensemble size k (first k members by seed)",
+                    f"{results['corpus']}: ensemble size", "ensemble_size.png", logx=False)
+    dist = sorted((r for r in systems if r["kind"] == "distilled"), key=lambda r: r["temperature"])
+    if dist:
+        metric_plot(dist, [r["temperature"] for r in dist], "distillation temperature T",
+                    f"{results['corpus']}: distilled students", "temperature.png", logx=True)
+
+    logs = [(p.parent.name, p, "member") for p in sorted((exp_dir / "members").glob("*/train_log.csv"))]
+    logs += [(p.parent.name, p, "student") for p in sorted((exp_dir / "distill").glob("*/train_log.csv"))]
+    if logs:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for name, p, role in logs:
+            cols = _read_train_log(p)
+            style = dict(color="0.6", linewidth=0.8) if role == "member" else dict(linewidth=1.6)
+            label = None if role == "member" else f"student {name}"
+            for ax, key in zip(axes, ("train_frame_acc", "dev_frame_acc")):
+                if key in cols:
+                    ax.plot(cols["epoch"], cols[key], label=label, **style)
+        for ax, key in zip(axes, ("train frame accuracy", "dev frame accuracy")):
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+        axes[0].plot([], [], color="0.6", label="members")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{results['corpus']}: training curves (grey: members)")
+        written.append(_save(fig, plots_dir / "training_curves.png"))
+        plt.close(fig)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def build_report(
+    exp_dir: str | os.PathLike,
+    corpus: str | None = None,
+    sets: Sequence[str] | None = None,
+    bootstrap_samples: int = 1000,
+    command: str | None = None,
+) -> tuple[Path, Path]:
+    """Write ``exp_dir/RESULTS.md``, ``exp_dir/results.json`` and ``exp_dir/plots/*.png``.
+
+    Always rebuilt (cheap, and it must reflect whatever has been decoded so far).
+    Returns ``(RESULTS.md path, results.json path)``.
+    """
+    exp_dir = Path(exp_dir)
+    corpus = corpus or exp_dir.resolve().name
+    sets = list(sets) if sets else discover_sets(exp_dir)
+    if not sets:
+        raise ReportError(f"{exp_dir}/decode: no decoded sets (no */*/wer.json)")
+    results = build_results(exp_dir, corpus, sets, bootstrap_samples=bootstrap_samples)
+    plots = write_plots(results, exp_dir)
+    results["plots"] = [str(p.relative_to(exp_dir)) for p in plots]
+    json_path = exp_dir / "results.json"
+    atomic_write_json(json_path, results)
+    md_path = write_results_md(results, exp_dir / "RESULTS.md", plots, command=command)
+    log.info("wrote %s and %s", md_path, json_path)
+    return md_path, json_path
+
+
+def _cli(args: argparse.Namespace) -> int:
+    cmd = f"asr report --exp-dir {args.exp_dir}" + (f" --corpus {args.corpus}" if args.corpus else "") + \
+        (f" --sets {' '.join(args.sets)}" if args.sets else "")
+    _, json_path = build_report(args.exp_dir, args.corpus, args.sets, args.bootstrap_samples, command=cmd)
+    if not args.quiet:
+        print_table(json_path)
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="write RESULTS.md, results.json and plots for one corpus",
+        description="Collect decode results into the paper-style table. "
+                    "Example: asr report --exp-dir exp/mini",
+    )
+    p.add_argument("--exp-dir", required=True, help="exp/<corpus> directory")
+    p.add_argument("--corpus", default=None, help="corpus name (default: the exp dir's name)")
+    p.add_argument("--sets", nargs="+", default=None, help="sets to report (default: every decoded set)")
+    p.add_argument("--bootstrap-samples", type=int, default=1000)
+    p.add_argument("--quiet", action="store_true", help="do not print the table")
+    p.set_defaults(func=_cli)
