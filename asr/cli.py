@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "data_prep.librispeech",
     "data_prep.mini_corpus",
+    "asr.lexicon",
     "asr.features",
     "asr.lang",
     "asr.lm",

@@ -7,6 +7,7 @@ how it was made.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -120,3 +121,15 @@ def write_config(cfg: Any, directory: str | os.PathLike, name: str = "config.yam
     path = Path(directory) / name
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
+
+
+def add_config_args(parser: "argparse.ArgumentParser") -> None:
+    """The two config options every step shares: ``--config FILE`` and ``--set key=value``."""
+    parser.add_argument("--config", default=None, help="YAML file of config overrides")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                        metavar="KEY=VALUE", help="config override(s), applied after --config")
+
+
+def config_from_args(cls: type[C], args: "argparse.Namespace") -> C:
+    """Resolve a step's config from the options added by :func:`add_config_args`."""
+    return load_config(cls, args.config, parse_kv(args.overrides))

@@ -145,7 +145,8 @@ class StackedLinear(nn.Module):
         """``x``: ``(rows, in)`` shared by all members, or ``(M, rows, in)`` -> ``(M, rows, out)``."""
         if x.dim() == 2:
             # One input for every member: matmul broadcasts it over the member dimension.
-            return torch.matmul(x, self.weight) + self.bias.unsqueeze(1)
+            out = torch.matmul(x, self.weight)
+            return out + self.bias.unsqueeze(1).to(out.dtype)   # stay in bf16 under autocast
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
 

@@ -312,7 +312,7 @@ def build_results(
     for r in rows:
         if "_dir" in r and (Path(r["_dir"]) / "tune.json").is_file():
             t = read_json(Path(r["_dir"]) / "tune.json")
-            tuning[r["name"]] = {k: t.get(k) for k in ("acwt", "lm_weight") if k in t}
+            tuning[r["name"]] = {k: t.get(k) for k in ("acwt", "lm_weight", "word_ins_penalty") if k in t}
     choice_file = exp_dir / "distill" / "choice.json"
     distill_choice = read_json(choice_file) if choice_file.is_file() else None
 
@@ -341,6 +341,10 @@ def build_results(
 
 def _f(x: float | None, nd: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _g(x: Any) -> str:
+    return "n/a" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
 
 
 def _row(results: dict, name: str | None) -> dict | None:
@@ -409,6 +413,11 @@ def _verdicts(results: dict, s: str) -> list[str]:
             else:
                 out.append(f"**The {n}-member ensemble does NOT beat the members on frame accuracy** "
                            f"({efa:.2f}% vs a member mean of {bfa:.2f}%).")
+        member_fa = [r["frame_acc"][s] for r in results["systems"]
+                     if r["kind"] == "member" and r["frame_acc"].get(s) is not None]
+        if efa is not None and member_fa and efa <= max(member_fa) and (bfa is None or efa > bfa):
+            out.append(f"**The ensemble does NOT beat the best single member on frame accuracy** "
+                       f"({efa:.2f}% vs {max(member_fa):.2f}%).")
         if bw is not None and ew is not None:
             if ew < bw:
                 out.append(f"The ensemble lowers the WER from {bw:.2f}% (member mean) to {ew:.2f}%.")
@@ -496,9 +505,10 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
     L += ["## Chosen settings", ""]
     if results["tuning"]:
         L += ["Decoding weights tuned on dev by the decode stage (`decode/<system>/tune.json`):", "",
-              "| System | acwt | LM weight |", "|---|---|---|"]
+              "| System | acwt | LM weight | word insertion penalty |", "|---|---|---|---|"]
         for name, t in results["tuning"].items():
-            L.append(f"| {name} | {t.get('acwt', 'n/a')} | {t.get('lm_weight', 'n/a')} |")
+            L.append(f"| {name} | {_g(t.get('acwt'))} | {_g(t.get('lm_weight'))} | "
+                     f"{_g(t.get('word_ins_penalty'))} |")
         L.append("")
     else:
         L += ["No `tune.json` found under `decode/`: the decode stage's defaults were used.", ""]
@@ -602,10 +612,16 @@ def write_plots(results: dict, exp_dir: str | os.PathLike, plots_dir: str | os.P
             cols = _read_train_log(p)
             style = dict(color="0.6", linewidth=0.8) if role == "member" else dict(linewidth=1.6)
             label = None if role == "member" else f"student {name}"
-            for ax, key in zip(axes, ("train_frame_acc", "dev_frame_acc")):
-                if key in cols:
-                    ax.plot(cols["epoch"], cols[key], label=label, **style)
-        for ax, key in zip(axes, ("train frame accuracy", "dev frame accuracy")):
+            for ax, keys in zip(axes, (("train_frame_acc", "train_acc"), ("dev_frame_acc", "dev_acc"))):
+                key = next((k for k in keys if k in cols), None)
+                if key is None:
+                    continue
+                ys = cols[key]
+                finite = [y for y in ys if not math.isnan(y)]
+                if finite and max(finite) <= 1.0:          # the training loop logs fractions
+                    ys = [100.0 * y for y in ys]
+                ax.plot(cols["epoch"], ys, label=label, **style)
+        for ax, key in zip(axes, ("train frame accuracy (%)", "dev frame accuracy (%)")):
             ax.set_xlabel("epoch")
             ax.set_ylabel(key)
             ax.grid(alpha=0.3)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import dataclasses
 import hashlib
 import http.client
 import logging
@@ -36,10 +35,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from asr.audio import AudioError, read_audio
-from asr.config import config_hash, config_to_dict, load_config, write_config
+from asr.config import config_hash, load_config, write_config
 from asr.io import atomic_write_json, atomic_write_text, is_done, mark_done
 from asr.manifest import Utterance, write_manifest
 
@@ -123,6 +122,7 @@ def download_file(
     retries: int = 3,
     timeout: float = 60.0,
     progress: bool = True,
+    backoff_s: float = 1.0,
 ) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial file with HTTP Range.
 
@@ -160,7 +160,7 @@ def download_file(
                 raise DownloadError(f"{url}: download interrupted after {have} bytes ({e}); "
                                     f"rerun to resume from {part}") from None
             log.warning("%s: %s; retry %d/%d from byte %d", url, e, attempt, retries, have)
-            time.sleep(min(2.0 ** attempt, 30.0) if timeout > 5 else 0.0)
+            time.sleep(min(backoff_s * 2.0 ** (attempt - 1), 30.0))
     if md5 is not None:
         got = _md5_of(part).hexdigest()
         if got != md5:

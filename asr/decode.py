@@ -1,0 +1,431 @@
+"""Decoding: per-utterance (frames x pdfs) log-likelihoods -> words, on an HCLG graph.
+
+One interface serves every acoustic model: the GMM gives its own log-likelihoods; a neural model's
+log posteriors become pseudo log-likelihoods ``log p(s|x) - log p(s)`` (:func:`hybrid_loglikes`).
+The decoder scales them by ``acwt`` (the LM weight is 1 / acwt) and searches HCLG with Kaldi's
+FasterDecoder (1-best, default) or LatticeFasterDecoder, through ``DecodableCtc``: that decodable
+reads column ``i - 1`` for transition id ``i``, so the pdf columns are mapped to transition ids with
+the transition model once per utterance.
+
+Outcomes worth knowing:
+
+- An utterance whose search reaches no final state (too short for any word sequence, or pruned
+  away) gets the best *partial* path; a warning is logged and ``DecodeResult.reached_final`` is
+  False; :func:`asr.scoring.score_decode` lists such utterances in ``partial.txt``. If not even a
+  partial path exists the hypothesis is empty (``cost`` is inf).
+- A word missing from the lexicon cannot be produced (it is not in HCLG); scoring counts it as an
+  error against the reference.
+
+acwt (and optionally a word insertion penalty) are tuned on dev only with :func:`tune_acwt`,
+which writes the grid and the chosen values to ``tune.json``.
+
+Decoding parallelises over utterances with a process pool whose workers load the graph once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
+import kaldifst
+
+from asr.config import config_to_dict, load_config, parse_kv
+from asr.io import atomic_write_json, is_done
+
+__all__ = [
+    "DecodeConfig",
+    "DecodeError",
+    "DecodeResult",
+    "Decoder",
+    "hybrid_loglikes",
+    "decode_many",
+    "tune_acwt",
+    "add_cli",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DecodeError(ValueError):
+    """Bad decoder input (missing graph, wrong matrix shape, NaN); the message names it."""
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Search settings. Scores are ``acwt * loglikes`` plus graph costs (LM weight 1)."""
+
+    acwt: float = 0.1                  # acoustic scale (1 / LM weight); tune on dev
+    beam: float = 13.0                 # search beam (in scaled cost units)
+    max_active: int = 7000             # maximum active states per frame
+    min_active: int = 20               # minimum active states per frame
+    word_ins_penalty: float = 0.0      # cost added per output word (>0 discourages insertions)
+    lattice: bool = False              # LatticeFasterDecoder instead of FasterDecoder (slower)
+    lattice_beam: float = 6.0          # lattice beam (lattice decoder only)
+    allow_partial: bool = True         # no final state reached: output the best partial path
+
+    def __post_init__(self) -> None:
+        if self.acwt <= 0:
+            raise ValueError(f"DecodeConfig.acwt must be > 0, got {self.acwt}")
+        if self.beam <= 0 or self.max_active < 1 or self.min_active < 0:
+            raise ValueError("DecodeConfig: beam must be > 0, max_active >= 1, min_active >= 0")
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """The 1-best of one utterance.
+
+    ``cost`` is the total scaled path cost reported by the decoder (graph cost + acoustic cost),
+    inf when no path exists; ``reached_final`` is False for a partial (best non-final) path.
+    """
+
+    words: tuple[str, ...]
+    reached_final: bool
+    cost: float
+    num_frames: int = 0
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+def hybrid_loglikes(log_post: np.ndarray, log_prior: np.ndarray, acwt: float = 1.0) -> np.ndarray:
+    """Hybrid pseudo log-likelihoods ``acwt * (log p(s|x) - log p(s))``.
+
+    log_post: ``(frames, pdfs)`` natural-log posteriors; log_prior: ``(pdfs,)`` natural-log priors
+    (counted from the training labels and floored). Returns float32 ``(frames, pdfs)``. Leave
+    ``acwt`` at 1 when the :class:`Decoder` applies ``DecodeConfig.acwt`` (the usual way).
+    """
+    log_post = np.asarray(log_post)
+    log_prior = np.asarray(log_prior, dtype=np.float64)
+    if log_post.ndim != 2:
+        raise DecodeError(f"log_post must be (frames, pdfs), got shape {log_post.shape}")
+    if log_prior.shape != (log_post.shape[1],):
+        raise DecodeError(f"log_prior shape {log_prior.shape} does not match {log_post.shape[1]} pdfs")
+    if not np.all(np.isfinite(log_prior)):
+        raise DecodeError("log_prior has non-finite values: floor the priors before taking logs")
+    return (acwt * (log_post.astype(np.float64) - log_prior)).astype(np.float32)
+
+
+def _read_words(path: Path) -> list[str]:
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) == 2:
+                pairs.append((int(fields[1]), fields[0]))
+    out = [""] * (max(i for i, _ in pairs) + 1)
+    for i, w in pairs:
+        out[i] = w
+    return out
+
+
+def _add_word_penalty(fst: kaldifst.StdVectorFst, penalty: float) -> kaldifst.StdVectorFst:
+    """A copy of ``fst`` with ``penalty`` added to every arc that outputs a word."""
+    out = []
+    for line in fst.to_str(show_weight_one=True).split("\n"):
+        c = line.split()
+        if len(c) >= 4 and c[3] != "0":
+            w = float(c[4]) if len(c) >= 5 else 0.0
+            c = c[:4] + [repr(w + penalty)]
+        if c:
+            out.append("\t".join(c))
+    return kaldifst.compile("\n".join(out) + "\n")
+
+
+class Decoder:
+    """Loads HCLG and the transition-id -> pdf map once; decodes utterance after utterance."""
+
+    def __init__(self, graph_dir: str | os.PathLike, lang_dir: str | os.PathLike,
+                 cfg: DecodeConfig = DecodeConfig()) -> None:
+        from asr.lang import load_lang
+
+        self.graph_dir = Path(graph_dir)
+        self.cfg = cfg
+        hclg = self.graph_dir / "HCLG.fst"
+        if not is_done(self.graph_dir) or not hclg.is_file():
+            raise DecodeError(f"graph {self.graph_dir} is not complete (run make-graph)")
+        lang = load_lang(lang_dir)
+        self.num_pdfs = lang.num_pdfs
+        self._tid2pdf = np.asarray(lang.tid2pdf[1:], dtype=np.int64)   # column i-1 <- tid i
+        self.words = _read_words(self.graph_dir / "words.txt")
+        if self.words[: len(lang.words)] != lang.words:
+            raise DecodeError(f"{self.graph_dir / 'words.txt'} differs from {lang.dir / 'words.txt'}: "
+                              "the graph was built with another lang directory")
+        self.fst = kaldifst.StdVectorFst.read(str(hclg))
+        if self.fst is None or self.fst.num_states == 0:
+            raise DecodeError(f"{hclg} is empty or unreadable")
+        if cfg.word_ins_penalty:
+            self.fst = _add_word_penalty(self.fst, cfg.word_ins_penalty)
+        if cfg.lattice:
+            self._trans_model = lang.transition_model()
+            opts = khg.LatticeFasterDecoderConfig(beam=cfg.beam, max_active=cfg.max_active,
+                                                  min_active=max(cfg.min_active, 1),
+                                                  lattice_beam=cfg.lattice_beam)
+            self._decoder = khg.LatticeFasterDecoder(self.fst, opts)
+        else:
+            opts = khg.FasterDecoderOptions(beam=cfg.beam, max_active=cfg.max_active,
+                                            min_active=cfg.min_active)
+            self._decoder = khg.FasterDecoder(self.fst, opts)
+
+    def _tid_matrix(self, loglikes: np.ndarray, acwt: float, utt: str) -> np.ndarray:
+        if loglikes.ndim != 2 or loglikes.shape[1] != self.num_pdfs:
+            raise DecodeError(f"{utt}: log-likelihoods must be (frames, {self.num_pdfs} pdfs), "
+                              f"got shape {loglikes.shape}")
+        scaled = np.asarray(loglikes, dtype=np.float32) * np.float32(acwt)
+        if not np.all(np.isfinite(scaled)):
+            raise DecodeError(f"{utt}: log-likelihoods contain NaN or inf")
+        return np.ascontiguousarray(scaled[:, self._tid2pdf])
+
+    def decode(self, loglikes: np.ndarray, utt: str = "<utt>", acwt: float | None = None) -> DecodeResult:
+        """Decode one utterance. loglikes: ``(frames, pdfs)`` unscaled log-likelihoods."""
+        acwt = self.cfg.acwt if acwt is None else acwt
+        mat = self._tid_matrix(np.asarray(loglikes), acwt, utt)
+        frames = mat.shape[0]
+        if frames == 0:
+            log.warning("%s: no frames; empty hypothesis", utt)
+            return DecodeResult((), False, math.inf, 0)
+        decodable = khg.DecodableCtc(mat)
+        if self.cfg.lattice:
+            return self._decode_lattice(decodable, utt, frames)
+        dec = self._decoder
+        dec.decode(decodable)
+        reached = bool(dec.reached_final())
+        if reached:
+            ok, lat = dec.get_best_path(use_final_probs=True)
+        elif self.cfg.allow_partial:
+            ok, lat = dec.get_best_path(use_final_probs=False)
+        else:
+            ok, lat = False, None
+        if not ok:
+            log.warning("%s: search produced no path (%d frames); empty hypothesis", utt, frames)
+            return DecodeResult((), False, math.inf, frames)
+        ok, _, word_ids, weight = kaldifst.get_linear_symbol_sequence(lat)
+        if not ok:
+            raise DecodeError(f"{utt}: best path is not linear (decoder error)")
+        words = tuple(self.words[w] for w in word_ids)
+        cost = float(weight.value1 + weight.value2)
+        if not reached:
+            log.warning("%s: no final state reached after %d frames; using the best partial path (%d words)",
+                        utt, frames, len(words))
+        return DecodeResult(words, reached, cost, frames)
+
+    def _decode_lattice(self, decodable, utt: str, frames: int) -> DecodeResult:
+        ok, _, word_ids, like = khg.decode_utterance_lattice_faster(
+            self._decoder, decodable, self._trans_model, utt, False)
+        reached = bool(ok)
+        if not ok and self.cfg.allow_partial:
+            ok, _, word_ids, like = khg.decode_utterance_lattice_faster(
+                self._decoder, decodable, self._trans_model, utt, True)
+        if not ok:
+            log.warning("%s: search produced no path (%d frames); empty hypothesis", utt, frames)
+            return DecodeResult((), False, math.inf, frames)
+        if not reached:
+            log.warning("%s: no final state reached after %d frames; using the best partial path", utt, frames)
+        return DecodeResult(tuple(self.words[w] for w in word_ids), reached, float(-like), frames)
+
+
+# --------------------------------------------------------------------------------------------
+# Many utterances, in parallel
+
+_WORKER: dict = {}
+
+
+def _worker_init(graph_dir: str, lang_dir: str, cfg_dict: dict) -> None:
+    _WORKER.clear()
+    _WORKER.update(graph_dir=graph_dir, lang_dir=lang_dir, cfg=DecodeConfig(**cfg_dict), decoders={})
+
+
+def _worker_decoder(wip: float) -> Decoder:
+    decs = _WORKER["decoders"]
+    if wip not in decs:
+        cfg = dataclasses.replace(_WORKER["cfg"], word_ins_penalty=wip)
+        decs[wip] = Decoder(_WORKER["graph_dir"], _WORKER["lang_dir"], cfg)
+    return decs[wip]
+
+
+def _worker_decode(task: tuple) -> tuple:
+    key, utt, loglikes, acwt, wip = task
+    t0 = time.process_time()
+    res = _worker_decoder(wip).decode(loglikes, utt, acwt=acwt)
+    return key, utt, res, time.process_time() - t0
+
+
+Items = Iterable[tuple[str, np.ndarray]]
+
+
+def _iter_items(items: Items | Callable[[str], np.ndarray], utt_ids: Sequence[str] | None) -> Iterator[tuple[str, np.ndarray]]:
+    if callable(items):
+        if utt_ids is None:
+            raise DecodeError("decode_many: utt_ids are required when items is a callable")
+        for u in utt_ids:
+            yield u, items(u)
+    else:
+        yield from items
+
+
+def _run_tasks(graph_dir: Path, lang_dir: Path, cfg: DecodeConfig, tasks: Iterable[tuple], nj: int,
+               total: int | None, desc: str) -> Iterator[tuple]:
+    """Yield ``(key, utt, DecodeResult, cpu_seconds)`` for each task, in order.
+
+    With ``nj > 1`` a spawn pool decodes; at most ``2 * nj`` tasks are in flight, so a large set's
+    log-likelihoods are never all in memory at once.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="utt", disable=None, leave=False)
+    try:
+        if nj <= 1:
+            _worker_init(str(graph_dir), str(lang_dir), config_to_dict(cfg))
+            for t in tasks:
+                yield _worker_decode(t)
+                bar.update(1)
+            return
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(nj, initializer=_worker_init,
+                      initargs=(str(graph_dir), str(lang_dir), config_to_dict(cfg))) as pool:
+            pending: deque = deque()
+            for t in tasks:
+                pending.append(pool.apply_async(_worker_decode, (t,)))
+                while len(pending) >= 2 * nj:
+                    yield pending.popleft().get()
+                    bar.update(1)
+            while pending:
+                yield pending.popleft().get()
+                bar.update(1)
+    finally:
+        bar.close()
+
+
+def _report_partial(results: Mapping[str, DecodeResult], what: str) -> None:
+    partial = sorted(u for u, r in results.items() if not r.reached_final)
+    if partial:
+        log.warning("%s: %d of %d utterance(s) reached no final state (partial hypotheses): %s%s", what,
+                    len(partial), len(results), " ".join(partial[:5]), " ..." if len(partial) > 5 else "")
+
+
+def decode_many(
+    graph_dir: str | os.PathLike,
+    lang_dir: str | os.PathLike,
+    items: Items | Callable[[str], np.ndarray],
+    cfg: DecodeConfig = DecodeConfig(),
+    nj: int = 1,
+    utt_ids: Sequence[str] | None = None,
+) -> dict[str, DecodeResult]:
+    """Decode many utterances; ``{utt: DecodeResult}`` in input order.
+
+    ``items``: ``(utt, loglikes (frames, pdfs))`` pairs, or a callable ``utt -> loglikes`` together
+    with ``utt_ids``. ``nj``: worker processes (each loads the graph once; 1 = in this process).
+    The cost in CPU seconds is logged as a real-time factor (10 ms frames).
+    """
+    graph_dir, lang_dir = Path(graph_dir), Path(lang_dir)
+    tasks = ((i, u, ll, cfg.acwt, cfg.word_ins_penalty) for i, (u, ll) in enumerate(_iter_items(items, utt_ids)))
+    total = len(utt_ids) if utt_ids is not None else (len(items) if hasattr(items, "__len__") else None)
+    out: dict[str, DecodeResult] = {}
+    cpu = 0.0
+    frames = 0
+    for _, utt, res, secs in _run_tasks(graph_dir, lang_dir, cfg, tasks, nj, total, "decode"):
+        if utt in out:
+            raise DecodeError(f"decode_many: duplicate utterance id {utt}")
+        out[utt] = res
+        cpu += secs
+        frames += res.num_frames
+    if frames:
+        log.info("decoded %d utterances, %d frames: %.3f CPU s per audio s", len(out), frames, cpu / (frames / 100.0))
+    _report_partial(out, str(graph_dir))
+    return out
+
+
+def tune_acwt(
+    graph_dir: str | os.PathLike,
+    lang_dir: str | os.PathLike,
+    items: Items,
+    refs: Mapping[str, str],
+    out_path: str | os.PathLike,
+    acwts: Sequence[float] = (0.05, 0.067, 0.083, 0.1, 0.125, 0.15, 0.2),
+    word_ins_penalties: Sequence[float] = (0.0,),
+    cfg: DecodeConfig = DecodeConfig(),
+    nj: int = 1,
+) -> dict:
+    """Grid search of acwt (and word insertion penalty) on a *dev* set; writes ``tune.json``.
+
+    ``items``: the dev set's ``(utt, loglikes)`` (materialised once, decoded for every grid point).
+    Ties go to the smaller acwt, then the smaller penalty. Returns ``{acwt, word_ins_penalty, wer,
+    grid: [{acwt, word_ins_penalty, wer, errors, ref_words, partial}], ...}``; the same is written to
+    ``out_path``. Never pass test data here.
+    """
+    from asr.scoring import compute_wer
+
+    data = list(items)
+    if not data:
+        raise DecodeError("tune_acwt: no utterances to tune on")
+    ids = [u for u, _ in data]
+    missing = [u for u in ids if u not in refs]
+    if missing:
+        raise DecodeError(f"tune_acwt: no reference for {len(missing)} utterance(s), e.g. {missing[:3]}")
+    grid = [(a, w) for w in word_ins_penalties for a in acwts]
+    tasks = ((g, u, ll, a, w) for g, (a, w) in enumerate(grid) for u, ll in data)
+    hyps: dict[int, dict[str, DecodeResult]] = {g: {} for g in range(len(grid))}
+    t0 = time.time()
+    for g, utt, res, _ in _run_tasks(Path(graph_dir), Path(lang_dir), cfg, tasks, nj,
+                                     len(grid) * len(data), "tune"):
+        hyps[g][utt] = res
+    sub_refs = {u: refs[u] for u in ids}
+    rows = []
+    for g, (a, w) in enumerate(grid):
+        r = compute_wer(sub_refs, {u: res.text for u, res in hyps[g].items()})
+        rows.append({"acwt": a, "word_ins_penalty": w, "wer": r["wer"], "errors": r["errors"],
+                     "ins": r["ins"], "del": r["del"], "sub": r["sub"], "ref_words": r["ref_words"],
+                     "partial": sum(not res.reached_final for res in hyps[g].values())})
+        log.info("acwt %.4g wip %.3g: %%WER %.2f", a, w, r["wer"])
+    best = min(rows, key=lambda r: (r["wer"], r["acwt"], r["word_ins_penalty"]))
+    result = {"acwt": best["acwt"], "word_ins_penalty": best["word_ins_penalty"], "lm_weight": 1.0 / best["acwt"],
+              "wer": best["wer"], "utts": len(data), "seconds": round(time.time() - t0, 2),
+              "config": config_to_dict(cfg), "grid": rows}
+    atomic_write_json(out_path, result)
+    log.info("tuned on %d utterances: acwt %.4g (LM weight %.3g), word insertion penalty %.3g, %%WER %.2f -> %s",
+             len(data), best["acwt"], 1.0 / best["acwt"], best["word_ins_penalty"], best["wer"], out_path)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: decode a saved log-likelihood matrix set (low level; systems are decoded by the recipes)
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("decode-loglikes",
+                              help="decode per-utterance log-likelihoods from an .npz (utt id -> (frames, pdfs))")
+    p.add_argument("--graph-dir", required=True)
+    p.add_argument("--lang-dir", required=True)
+    p.add_argument("--loglikes", required=True, help=".npz: one (frames, pdfs) array per utterance id")
+    p.add_argument("--out", required=True, help="output hypothesis file (<utt> words)")
+    p.add_argument("--nj", type=int, default=1)
+    p.add_argument("--config", default=None, help="YAML file with DecodeConfig overrides")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one DecodeConfig field")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from asr.scoring import write_hyps
+
+    cfg = load_config(DecodeConfig, args.config, parse_kv(args.overrides))
+    with np.load(args.loglikes, allow_pickle=False) as z:
+        ids = sorted(z.files)
+        res = decode_many(args.graph_dir, args.lang_dir, lambda u: z[u], cfg, args.nj, utt_ids=ids)
+    write_hyps(args.out, {u: r.text for u, r in res.items()})
+    partial = [u for u, r in res.items() if not r.reached_final]
+    if partial:
+        Path(str(args.out) + ".partial").write_text("".join(u + "\n" for u in partial))
+    return 0

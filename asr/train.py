@@ -1,0 +1,879 @@
+"""Training loop for N-member ensembles of frame classifiers (and, through ``Objective``, students).
+
+One loop serves every model in the project: ``train_stack`` trains ``M = len(seeds)`` members of one
+architecture together over one data pass (stacked weights, batched matmuls). Members are
+independent: the loss is the sum of the members' mean losses, so each member's gradient is exactly
+what it would be alone, and the optimiser keeps per-member learning rates and step counts, so the
+newbob schedule and early stopping act on each member separately (a stopped member's loss is masked
+and its weights frozen). A member trained in a stack therefore equals the same member trained alone
+on the same data order, up to float rounding.
+
+Resumability: ``train_state.pt`` (weights, optimiser moments, schedule, best weights, running
+epoch statistics, the position in the epoch's data order and the config) is written atomically every
+``checkpoint_every_steps`` steps and at each epoch end. The data order of epoch ``e`` is a
+``randperm`` from a generator seeded with ``(data_order_seed, e)``, so a resumed run replays the same
+batches from where the checkpoint left off and finishes with the same weights as an uninterrupted run.
+
+Multi-GPU: under ``torchrun`` each rank either takes a slice of every global batch (data parallel,
+PyTorch DDP; ``parallel=data``) or trains its own share of the members (``parallel=members``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
+from asr.frames import (FrameBatch, FrameData, iterate_batches, iterate_chunks, num_batches,
+                        num_chunk_batches)
+from asr.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, is_done, mark_done, \
+    read_json, safe_torch_load
+from asr.models import ArchConfig, StackedModel, build_stack, get_arch, load_stack, save_model
+
+__all__ = [
+    "Objective",
+    "CrossEntropyObjective",
+    "TrainConfig",
+    "TrainError",
+    "StackedOptimizer",
+    "resolve_arch",
+    "train_stack",
+    "train_members",
+    "evaluate",
+    "compute_log_posteriors",
+    "iter_log_posteriors",
+    "save_posteriors",
+    "add_cli",
+]
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(ValueError):
+    """Inputs of a training run do not fit together (data, config, an existing run directory)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Objectives
+
+
+class Objective(Protocol):
+    """A training criterion for a stack: logits ``(M, rows, pdfs)`` -> per-member mean loss ``(M,)``.
+
+    The loop sums over members (they are independent) and ignores the rows with ``batch.labels ==
+    -1`` when counting frames; objectives must give such rows no weight.
+    """
+
+    def __call__(self, logits: torch.Tensor, batch: FrameBatch) -> torch.Tensor: ...
+
+
+class CrossEntropyObjective:
+    """Hard-label frame cross-entropy against the alignment's pdf ids (rows labelled -1 ignored)."""
+
+    def __call__(self, logits: torch.Tensor, batch: FrameBatch) -> torch.Tensor:
+        M, rows, pdfs = logits.shape
+        if batch.labels.shape != (rows,):
+            raise ValueError(f"labels {tuple(batch.labels.shape)} do not match logits {tuple(logits.shape)}")
+        nll = F.cross_entropy(logits.float().reshape(M * rows, pdfs), batch.labels.repeat(M),
+                              ignore_index=-1, reduction="none").view(M, rows)
+        count = (batch.labels >= 0).sum().clamp(min=1)
+        return nll.sum(dim=1) / count
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training option, with its default stated once (override with --config / --set)."""
+
+    # model: a preset of asr.models.PRESETS, with optional field overrides (None = preset's value)
+    arch: str = "small"
+    left: Optional[int] = None
+    right: Optional[int] = None
+    window_step: Optional[int] = None
+    hidden_layers: Optional[int] = None
+    hidden_dim: Optional[int] = None
+    # members (CLI): seeds first_seed .. first_seed + members - 1
+    members: int = 10
+    first_seed: int = 1
+    data_order_seed: Optional[int] = None  # None: a lone member uses its own seed, a stack uses 0
+    # data
+    epochs: int = 10                     # upper bound; newbob / early stopping usually end sooner
+    batch_size: int = 512                # frames per step (chunk batches: batch_size // chunk_len chunks)
+    chunk_len: int = 0                   # > 0: utterance-chunk batches (tdnn models only)
+    cmvn: str = "speaker"
+    # optimiser
+    optimizer: str = "adam"              # adam | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9                # sgd
+    beta1: float = 0.9                   # adam
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0            # decoupled (AdamW-style)
+    # schedule: newbob halving on dev frame accuracy (absolute improvement), as Kaldi nnet1 does
+    lr_schedule: str = "newbob"          # newbob | constant
+    newbob_start: float = 0.005          # start halving once an epoch improves dev accuracy by less
+    newbob_end: float = 0.0005           # while halving, a member stops when it improves by less
+    newbob_factor: float = 0.5
+    patience: int = 2                    # early stopping: epochs without a new best dev accuracy
+    # runtime (not part of the run's identity: may change between a run and its resume)
+    device: str = "cpu"
+    dtype: str = "auto"                  # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
+    threads: int = 0                     # torch threads for the CLI (0: leave as is)
+    parallel: str = "data"               # under torchrun: data (DDP) | members (share members out)
+    checkpoint_every_steps: int = 1000
+    max_steps: int = 0                   # > 0: stop after this many steps (smoke tests, benchmarks)
+    eval_batch_size: int = 4096
+    tensorboard: bool = True
+    progress: bool = True
+    keep_train_state: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.optimizer in ("adam", "sgd"), f"optimizer must be adam or sgd, got {self.optimizer!r}"),
+            (self.lr_schedule in ("newbob", "constant"), f"lr_schedule must be newbob or constant, "
+                                                         f"got {self.lr_schedule!r}"),
+            (self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto/float32/bfloat16, got {self.dtype!r}"),
+            (self.parallel in ("data", "members"), f"parallel must be data or members, got {self.parallel!r}"),
+            (self.epochs >= 1 and self.batch_size >= 1 and self.members >= 1, "epochs, batch_size and members must be >= 1"),
+            (self.lr > 0 and 0 < self.newbob_factor < 1, "lr must be > 0 and newbob_factor in (0, 1)"),
+            (self.chunk_len >= 0 and self.max_steps >= 0 and self.checkpoint_every_steps >= 0, "negative count"),
+            (self.chunk_len == 0 or self.batch_size >= self.chunk_len, "batch_size must be >= chunk_len"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+# (Optional[...] rather than ``int | None``: asr.config coerces typing.Union but not types.UnionType.)
+# Fields that do not change what a run computes (on one device): excluded from its identity.
+RUNTIME_FIELDS = ("device", "threads", "checkpoint_every_steps", "max_steps", "eval_batch_size",
+                  "tensorboard", "progress", "keep_train_state", "members", "first_seed", "parallel")
+
+
+def resolve_arch(cfg: TrainConfig) -> ArchConfig:
+    """The architecture a config asks for: its preset with the non-None field overrides."""
+    return get_arch(cfg.arch, left=cfg.left, right=cfg.right, window_step=cfg.window_step,
+                    hidden_layers=cfg.hidden_layers, hidden_dim=cfg.hidden_dim)
+
+
+def _run_identity(cfg: TrainConfig, arch: ArchConfig, seeds: Sequence[int], names: Sequence[str],
+                  objective: Any, data_seed: int, train: FrameData) -> dict:
+    d = {k: v for k, v in config_to_dict(cfg).items() if k not in RUNTIME_FIELDS}
+    return {"config": d, "arch": arch.to_dict(), "seeds": [int(s) for s in seeds], "names": list(names),
+            "objective": type(objective).__name__, "data_order_seed": int(data_seed),
+            "train_frames": train.num_frames, "train_labelled": train.num_labelled}
+
+
+def _identity_hash(identity: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser with per-member learning rates
+
+
+class StackedOptimizer:
+    """Adam(W) or momentum SGD over stacked parameters, with a learning rate and step count per member.
+
+    Every parameter has the member dimension first. ``step(active)`` updates only the active members
+    (``(M,)`` bool); the others keep their weights and optimiser state unchanged, as if they had
+    left the run. For one member it computes what ``torch.optim.AdamW`` / ``SGD`` compute.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], cfg: TrainConfig, num_members: int) -> None:
+        self.params = list(params)
+        if any(p.shape[0] != num_members for p in self.params):
+            raise ValueError("every stacked parameter needs the member dimension first")
+        self.cfg = cfg
+        device = self.params[0].device
+        self.lr = torch.full((num_members,), float(cfg.lr), dtype=torch.float64, device=device)
+        self.steps = torch.zeros(num_members, dtype=torch.int64, device=device)
+        if cfg.optimizer == "adam":
+            self.buffers = {"exp_avg": [torch.zeros_like(p) for p in self.params],
+                            "exp_avg_sq": [torch.zeros_like(p) for p in self.params]}
+        else:
+            self.buffers = {"momentum": [torch.zeros_like(p) for p in self.params]}
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @staticmethod
+    def _bc(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *([1] * (p.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        cfg = self.cfg
+        a = active.to(torch.float64)
+        self.steps += active.to(torch.int64)
+        lr_a = self.lr * a                                                    # 0 for frozen members
+        if cfg.optimizer == "adam":
+            t = self.steps.clamp(min=1).to(torch.float64)
+            bc1 = 1.0 - cfg.beta1 ** t
+            bc2 = 1.0 - cfg.beta2 ** t
+            for i, p in enumerate(self.params):
+                g = p.grad
+                if g is None:
+                    continue
+                m, v = self.buffers["exp_avg"][i], self.buffers["exp_avg_sq"][i]
+                w1 = self._bc(((1.0 - cfg.beta1) * a).to(p.dtype), p)
+                w2 = self._bc(((1.0 - cfg.beta2) * a).to(p.dtype), p)
+                if cfg.weight_decay:
+                    p.mul_(self._bc((1.0 - lr_a * cfg.weight_decay).to(p.dtype), p))
+                m.lerp_(g, w1)
+                v.lerp_(g * g, w2)
+                denom = (v / self._bc(bc2.to(p.dtype), p)).sqrt_().add_(cfg.eps)
+                p.sub_(m / denom * self._bc((lr_a / bc1).to(p.dtype), p))
+        else:
+            for i, p in enumerate(self.params):
+                g = p.grad
+                if g is None:
+                    continue
+                buf = self.buffers["momentum"][i]
+                if cfg.weight_decay:
+                    g = g + cfg.weight_decay * p
+                keep = self._bc(torch.where(active, torch.tensor(cfg.momentum, device=a.device, dtype=torch.float64),
+                                            torch.ones_like(a)).to(p.dtype), p)
+                buf.mul_(keep).add_(g * self._bc(a.to(p.dtype), p))
+                p.sub_(buf * self._bc(lr_a.to(p.dtype), p))
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr.clone(), "steps": self.steps.clone(),
+                "buffers": {k: [b.clone() for b in v] for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.lr.copy_(sd["lr"])
+        self.steps.copy_(sd["steps"])
+        for k, bufs in self.buffers.items():
+            for b, src in zip(bufs, sd["buffers"][k]):
+                b.copy_(src)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _epoch_generator(data_seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(data_seed) * 1_000_003 + int(epoch) * 7_919 + 17)
+
+
+def _batches(cfg: TrainConfig, model: StackedModel, data: FrameData, generator: torch.Generator | None,
+             shuffle: bool, start_batch: int = 0, batch_size: int | None = None) -> Iterator[FrameBatch]:
+    left, right = model.context
+    bs = batch_size or cfg.batch_size
+    if cfg.chunk_len > 0 and shuffle:
+        return iterate_chunks(data, cfg.chunk_len, max(1, bs // cfg.chunk_len), left, right, generator,
+                              shuffle=shuffle, start_batch=start_batch)
+    return iterate_batches(data, bs, left, right, generator, shuffle=shuffle, start_batch=start_batch)
+
+
+def _num_batches(cfg: TrainConfig, data: FrameData) -> int:
+    if cfg.chunk_len > 0:
+        return num_chunk_batches(data, cfg.chunk_len, max(1, cfg.batch_size // cfg.chunk_len))
+    return num_batches(data, cfg.batch_size)
+
+
+def _rank_slice(batch: FrameBatch, rank: int, world: int, chunked: bool) -> FrameBatch:
+    """This rank's share of a global batch (frames, or whole chunks for chunk batches)."""
+    if world == 1:
+        return batch
+    n = batch.x.shape[0]
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    per = batch.labels.numel() // n if chunked else 1
+    return FrameBatch(x=batch.x[lo:hi], labels=batch.labels[lo * per: hi * per],
+                      frame_idx=batch.frame_idx[lo * per: hi * per])
+
+
+def _input(x: torch.Tensor, autocast_on: bool) -> torch.Tensor:
+    return x if autocast_on or x.dtype == torch.float32 else x.float()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module | StackedModel, data: FrameData, cfg: TrainConfig,
+             objective: Objective | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-member mean loss ``(M,)`` and frame accuracy ``(M,)`` over the labelled frames of ``data``.
+
+    Under torch.distributed each rank scores a slice of every batch and the sums are all-reduced.
+    """
+    objective = objective or CrossEntropyObjective()
+    inner = model.module if hasattr(model, "module") else model
+    device = next(inner.parameters()).device
+    rank, world = _dist()
+    M = inner.num_members
+    loss_sum = torch.zeros(M, dtype=torch.float64, device=device)
+    correct = torch.zeros(M, dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    ac = _autocast(device, cfg.dtype)
+    ac_on = not isinstance(ac, contextlib.nullcontext)
+    was_training = inner.training
+    inner.eval()
+    left, right = inner.context
+    for batch in iterate_batches(data, cfg.eval_batch_size, left, right, None, shuffle=False):
+        batch = _rank_slice(batch, rank, world, chunked=False)
+        if batch.labels.numel() == 0:
+            continue
+        with ac:
+            logits = inner(_input(batch.x, ac_on))
+        n = (batch.labels >= 0).sum()
+        loss_sum += objective(logits, batch).double() * n
+        correct += ((logits.argmax(-1) == batch.labels) & (batch.labels >= 0)).sum(1).double()
+        count += n
+    if world > 1:
+        import torch.distributed as dist
+
+        for t in (loss_sum, correct, count):
+            dist.all_reduce(t)
+    inner.train(was_training)
+    c = max(float(count), 1.0)
+    return (loss_sum / c).float().cpu(), (correct / c).float().cpu(), int(count)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class _Progress:
+    """Everything besides weights and optimiser that a resumed run needs (plain numbers only)."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    active: list[bool] = dataclasses.field(default_factory=list)
+    stop_reason: list[str] = dataclasses.field(default_factory=list)
+    halving: list[bool] = dataclasses.field(default_factory=list)
+    best_acc: list[float] = dataclasses.field(default_factory=list)
+    best_loss: list[float] = dataclasses.field(default_factory=list)
+    best_epoch: list[int] = dataclasses.field(default_factory=list)
+    bad_epochs: list[int] = dataclasses.field(default_factory=list)
+    history: list[list[dict]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, M: int) -> "_Progress":
+        return cls(active=[True] * M, stop_reason=[""] * M, halving=[False] * M, best_acc=[-1.0] * M,
+                   best_loss=[math.inf] * M, best_epoch=[-1] * M, bad_epochs=[0] * M,
+                   history=[[] for _ in range(M)])
+
+
+LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "dev_loss", "dev_acc", "active", "seconds"]
+
+
+def _write_member_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in LOG_FIELDS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _open_writers(out_dir: Path, names: Sequence[str]) -> list[Any]:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as e:  # tensorboard missing or broken: training must still run
+        log.warning("TensorBoard logging disabled: %s", e)
+        return []
+    return [SummaryWriter(log_dir=str(out_dir / n / "tb")) for n in names]
+
+
+def train_stack(cfg: TrainConfig, train: FrameData, dev: FrameData, out_dir: str | os.PathLike,
+                seeds: Sequence[int], objective: Objective | None = None,
+                member_names: Sequence[str] | None = None, extra_meta: Sequence[dict] | None = None,
+                *, state_dir: str | os.PathLike | None = None,
+                step_callback: Callable[[int, StackedModel], None] | None = None,
+                data_parallel: bool | None = None) -> list[Path]:
+    """Train ``len(seeds)`` members together; write ``out_dir/<name>/model.pt`` and return the paths.
+
+    Each member's checkpoint holds its best-dev-accuracy weights. Per member ``train_log.csv``,
+    ``summary.json`` and TensorBoard events (``tb/``) sit beside it. ``state_dir`` (default
+    ``out_dir``) holds the run's ``config.yaml``, ``train_state.pt`` (resume) and ``.done``.
+    ``step_callback(step, model)`` runs after every optimiser step (tests use it to simulate a kill).
+    ``data_parallel`` (default: whether torch.distributed is initialised) shards every batch over
+    the ranks with DDP; only rank 0 writes files.
+    """
+    out_dir = Path(out_dir)
+    state_dir = Path(state_dir) if state_dir is not None else out_dir
+    seeds = [int(s) for s in seeds]
+    M = len(seeds)
+    if M == 0:
+        raise TrainError("train_stack needs at least one seed")
+    names = list(member_names) if member_names is not None else [f"seed{s}" for s in seeds]
+    if len(names) != M or len(set(names)) != M:
+        raise TrainError(f"member_names must be {M} unique names, got {names}")
+    metas = list(extra_meta) if extra_meta is not None else [{} for _ in range(M)]
+    if len(metas) != M:
+        raise TrainError(f"extra_meta must have {M} entries, got {len(metas)}")
+    objective = objective or CrossEntropyObjective()
+    arch = resolve_arch(cfg)
+    if arch.kind != "tdnn" and cfg.chunk_len > 0:
+        raise TrainError(f"chunk batches (chunk_len={cfg.chunk_len}) need a tdnn model, not {cfg.arch!r}")
+    num_pdfs = train.num_pdfs or (int(train.labels.max()) + 1 if train.num_labelled else 0)
+    if num_pdfs <= 0:
+        raise TrainError("training data has no labelled frames")
+    if dev.num_pdfs is not None and dev.num_pdfs != num_pdfs:
+        raise TrainError(f"dev data has {dev.num_pdfs} pdfs, training data {num_pdfs}")
+    if dev.feat_dim != train.feat_dim:
+        raise TrainError(f"dev features have dim {dev.feat_dim}, training features {train.feat_dim}")
+    if dev.num_labelled == 0:
+        raise TrainError("dev data has no labelled frames: early stopping and newbob need them")
+    device = torch.device(cfg.device)
+    if train.device != device:
+        train = train.to(device)
+    if dev.device != device:
+        dev = dev.to(device)
+    rank, world = _dist()
+    ddp = (world > 1) if data_parallel is None else (data_parallel and world > 1)
+    if not ddp:
+        rank, world = 0, 1
+    main = rank == 0
+    data_seed = cfg.data_order_seed if cfg.data_order_seed is not None else (seeds[0] if M == 1 else 0)
+    identity = _run_identity(cfg, arch, seeds, names, objective, data_seed, train)
+    ident_hash = _identity_hash(identity)
+    model_paths = [out_dir / n / "model.pt" for n in names]
+    if is_done(state_dir) and read_json(state_dir / ".done").get("run") == ident_hash \
+            and all(p.is_file() for p in model_paths):
+        log.info("%s: already trained (%d member(s)); skipping", state_dir, M)
+        return model_paths
+
+    model = build_stack(arch, train.feat_dim, num_pdfs, seeds).to(device)
+    log.info("%d member(s) of %s (%s): %d parameters each, context %s, %d labelled training frames",
+             M, cfg.arch, arch.kind, model.params_per_member, model.context, train.num_labelled)
+    opt = StackedOptimizer(list(model.parameters()), cfg, M)
+    best = [p.detach().clone() for p in model.parameters()]
+    prog = _Progress.fresh(M)
+    acc_loss = torch.zeros(M, dtype=torch.float64, device=device)   # running sums of this epoch
+    acc_correct = torch.zeros(M, dtype=torch.float64, device=device)
+    acc_count = torch.zeros((), dtype=torch.float64, device=device)
+    epoch_seconds = 0.0
+
+    state_path = state_dir / "train_state.pt"
+    if state_path.is_file():
+        st = safe_torch_load(state_path, map_location=device)
+        if st.get("identity") != identity:
+            raise TrainError(f"{state_path}: belongs to a different run (config, seeds or data changed); "
+                             f"delete it or use another output directory")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        for b, src in zip(best, st["best"]):
+            b.copy_(src)
+        prog = _Progress(**st["progress"])
+        acc_loss.copy_(st["acc_loss"])
+        acc_correct.copy_(st["acc_correct"])
+        acc_count.copy_(st["acc_count"])
+        epoch_seconds = float(st["epoch_seconds"])
+        log.info("resuming %s at epoch %d, batch %d (step %d)", state_dir, prog.epoch + 1,
+                 prog.batch_in_epoch, prog.step)
+    if main:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, state_dir)
+
+    def save_state() -> None:
+        if not main:
+            return
+        atomic_torch_save({
+            "identity": identity,
+            "model": {k: v.detach() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "best": [b for b in best],
+            "progress": dataclasses.asdict(prog),
+            "acc_loss": acc_loss, "acc_correct": acc_correct, "acc_count": acc_count,
+            "epoch_seconds": epoch_seconds,
+            "rng": {"torch_cpu": torch.get_rng_state()},   # unused by the loop (explicit generators)
+        }, state_path)
+
+    fwd: torch.nn.Module = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ac = _autocast(device, cfg.dtype)
+    ac_on = not isinstance(ac, contextlib.nullcontext)
+    writers = _open_writers(out_dir, names) if (main and cfg.tensorboard) else []
+    chunked = cfg.chunk_len > 0
+    det_prev = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    stopped_by_max_steps = False
+    try:
+        from tqdm import tqdm
+
+        model.train()
+        while prog.epoch < cfg.epochs and any(prog.active):
+            active = torch.tensor(prog.active, device=device)
+            nb = _num_batches(cfg, train)
+            gen = _epoch_generator(data_seed, prog.epoch)
+            t0 = time.time()
+            bar = tqdm(total=nb, initial=prog.batch_in_epoch, desc=f"epoch {prog.epoch + 1}/{cfg.epochs}",
+                       unit="batch", disable=(not cfg.progress or not main) or None, leave=False)
+            for batch in _batches(cfg, model, train, gen, shuffle=True, start_batch=prog.batch_in_epoch):
+                gcount = (batch.labels >= 0).sum()
+                batch = _rank_slice(batch, rank, world, chunked)
+                n = (batch.labels >= 0).sum()
+                with ac:
+                    logits = fwd(_input(batch.x, ac_on))                 # (M, rows, pdfs)
+                loss_vec = objective(logits, batch)                     # (M,)
+                # DDP averages gradients over ranks: weight each rank by its share of the global batch.
+                scale = (n.double() * world / gcount.clamp(min=1)).to(loss_vec.dtype) if world > 1 else 1.0
+                loss = (loss_vec * active.to(loss_vec.dtype)).sum() * scale
+                opt.zero_grad()
+                loss.backward()
+                opt.step(active)
+                with torch.no_grad():
+                    acc_loss += loss_vec.detach().double() * n
+                    acc_correct += ((logits.detach().argmax(-1) == batch.labels) & (batch.labels >= 0)).sum(1).double()
+                    acc_count += n
+                prog.batch_in_epoch += 1
+                prog.step += 1
+                bar.update(1)
+                if cfg.checkpoint_every_steps and prog.step % cfg.checkpoint_every_steps == 0:
+                    epoch_seconds += time.time() - t0
+                    t0 = time.time()
+                    save_state()
+                if step_callback is not None:
+                    step_callback(prog.step, model)
+                if cfg.max_steps and prog.step >= cfg.max_steps:
+                    stopped_by_max_steps = True
+                    break
+            bar.close()
+            epoch_seconds += time.time() - t0
+            if stopped_by_max_steps:
+                save_state()
+                log.info("stopped after max_steps=%d (rerun without it to resume)", cfg.max_steps)
+                break
+            _end_epoch(cfg, model, dev, objective, opt, best, prog, acc_loss, acc_correct, acc_count,
+                       epoch_seconds, names, writers, out_dir, main)
+            acc_loss.zero_()
+            acc_correct.zero_()
+            acc_count.zero_()
+            epoch_seconds = 0.0
+            save_state()
+    finally:
+        torch.use_deterministic_algorithms(det_prev)
+        for w in writers:
+            w.close()
+
+    if main:
+        params = list(model.parameters())
+        for m, (name, path) in enumerate(zip(names, model_paths)):
+            member = _member_with(model, m, best if prog.best_epoch[m] >= 0 else params)
+            summary = {
+                "name": name, "seed": seeds[m], "params": model.params_per_member,
+                "arch_preset": cfg.arch, "best_epoch": prog.best_epoch[m] + 1,
+                "best_dev_acc": prog.best_acc[m], "best_dev_loss": prog.best_loss[m],
+                "epochs_trained": len(prog.history[m]), "stop_reason": prog.stop_reason[m] or "max_epochs",
+                "data_order_seed": data_seed, "steps": prog.step, "complete": not stopped_by_max_steps,
+            }
+            save_model(member, path, {"train_config": config_to_dict(cfg), "summary": summary, **metas[m]})
+            atomic_write_json(out_dir / name / "summary.json", summary)
+        if not stopped_by_max_steps:
+            mark_done(state_dir, {"run": ident_hash, "members": names})
+            if not cfg.keep_train_state and state_path.is_file():
+                state_path.unlink()
+    if ddp:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return model_paths
+
+
+def _member_with(model: StackedModel, m: int, tensors: Sequence[torch.Tensor]) -> StackedModel:
+    """Member ``m`` of ``model`` with its weights taken from ``tensors`` (parallel to parameters())."""
+    one = model.member(m)
+    with torch.no_grad():
+        for p, src in zip(one.parameters(), tensors):
+            p.copy_(src[m: m + 1])
+    return one
+
+
+def _end_epoch(cfg: TrainConfig, model: StackedModel, dev: FrameData, objective: Objective,
+               opt: StackedOptimizer, best: list[torch.Tensor], prog: _Progress, acc_loss: torch.Tensor,
+               acc_correct: torch.Tensor, acc_count: torch.Tensor, seconds: float, names: Sequence[str],
+               writers: list[Any], out_dir: Path, main: bool) -> None:
+    """Score dev, log the epoch, keep best weights, apply newbob / early stopping per member."""
+    rank, world = _dist()
+    if world > 1:
+        import torch.distributed as dist
+
+        for t in (acc_loss, acc_correct, acc_count):
+            dist.all_reduce(t)
+    dev_loss, dev_acc, _ = evaluate(model, dev, cfg, objective)
+    c = max(float(acc_count), 1.0)
+    tr_loss = (acc_loss / c).cpu().tolist()
+    tr_acc = (acc_correct / c).cpu().tolist()
+    lrs = opt.lr.cpu().tolist()
+    params = list(model.parameters())
+    new_lr = list(lrs)
+    for m in range(model.num_members):
+        if not prog.active[m]:
+            continue
+        acc, loss = float(dev_acc[m]), float(dev_loss[m])
+        impr = acc - prog.best_acc[m] if prog.best_epoch[m] >= 0 else math.inf
+        row = {"epoch": prog.epoch + 1, "lr": lrs[m], "train_loss": tr_loss[m], "train_acc": tr_acc[m],
+               "dev_loss": loss, "dev_acc": acc, "active": 1, "seconds": round(seconds, 2)}
+        prog.history[m].append(row)
+        if impr > 0:
+            prog.best_acc[m], prog.best_loss[m], prog.best_epoch[m] = acc, loss, prog.epoch
+            prog.bad_epochs[m] = 0
+            with torch.no_grad():
+                for b, p in zip(best, params):
+                    b[m].copy_(p[m])
+        else:
+            prog.bad_epochs[m] += 1
+        if cfg.lr_schedule == "newbob":
+            if prog.halving[m] and impr < cfg.newbob_end:
+                prog.active[m], prog.stop_reason[m] = False, "newbob"
+            elif prog.halving[m] or impr < cfg.newbob_start:
+                prog.halving[m] = True
+                new_lr[m] = lrs[m] * cfg.newbob_factor
+        if prog.active[m] and prog.bad_epochs[m] >= cfg.patience:
+            prog.active[m], prog.stop_reason[m] = False, "early_stopping"
+        if not prog.active[m]:
+            row["active"] = 0
+        log.info("%s epoch %d: lr %.3g train loss %.4f acc %.4f | dev loss %.4f acc %.4f%s", names[m],
+                 prog.epoch + 1, lrs[m], tr_loss[m], tr_acc[m], loss, acc,
+                 "" if prog.active[m] else f" (stopped: {prog.stop_reason[m]})")
+        if main:
+            (out_dir / names[m]).mkdir(parents=True, exist_ok=True)
+            _write_member_log(out_dir / names[m] / "train_log.csv", prog.history[m])
+            if writers:
+                w = writers[m]
+                for k in ("train_loss", "train_acc", "dev_loss", "dev_acc", "lr"):
+                    w.add_scalar(k.replace("_", "/", 1) if k != "lr" else "lr", row[k], prog.epoch + 1)
+                w.flush()
+    opt.lr.copy_(torch.tensor(new_lr, dtype=torch.float64))
+    prog.epoch += 1
+    prog.batch_in_epoch = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Posteriors
+
+
+@torch.no_grad()
+def iter_log_posteriors(model: StackedModel, data: FrameData, batch_size: int = 4096,
+                        dtype: str = "auto") -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, end, log_posteriors)`` with ``(M, end - start, pdfs)`` float32 for all frames in order."""
+    device = next(model.parameters()).device
+    if data.device != device:
+        data = data.to(device)
+    ac = _autocast(device, dtype)
+    ac_on = not isinstance(ac, contextlib.nullcontext)
+    was = model.training
+    model.eval()
+    left, right = model.context
+    start = 0
+    for batch in iterate_batches(data, batch_size, left, right, None, shuffle=False, only_labelled=False):
+        with ac:
+            logits = model(_input(batch.x, ac_on))
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        end = start + batch.frame_idx.numel()
+        yield start, end, lp
+        start = end
+    model.train(was)
+
+
+def compute_log_posteriors(model: StackedModel, data: FrameData, batch_size: int = 4096,
+                           dtype: str = "auto") -> torch.Tensor:
+    """Natural-log posteriors of every frame (labelled or not): ``(M, num_frames_total, pdfs)`` float32, CPU."""
+    out = torch.empty(model.num_members, data.num_frames, model.num_pdfs, dtype=torch.float32)
+    for s, e, lp in iter_log_posteriors(model, data, batch_size, dtype):
+        out[:, s:e] = lp.cpu()
+    return out
+
+
+def save_posteriors(model: StackedModel, data: FrameData, out_paths: Sequence[str | os.PathLike],
+                    batch_size: int = 4096, dtype: str = "auto") -> list[Path]:
+    """Write ``post/<set>.npy`` per member: float16 ``(num_frames_total, pdfs)`` log-posteriors.
+
+    Streams batches into memory-mapped temporary files renamed into place at the end, so sets far
+    larger than memory work and a killed run leaves no partial file.
+    """
+    paths = [Path(p) for p in out_paths]
+    if len(paths) != model.num_members:
+        raise ValueError(f"{len(paths)} output paths for {model.num_members} member(s)")
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(p)) for p in paths]
+        mms = [np.lib.format.open_memmap(t, mode="w+", dtype=np.float16,
+                                         shape=(data.num_frames, model.num_pdfs)) for t in tmps]
+        for s, e, lp in iter_log_posteriors(model, data, batch_size, dtype):
+            arr = lp.to(torch.float16).cpu().numpy()
+            for m, mm in enumerate(mms):
+                mm[s:e] = arr[m]
+        for mm in mms:
+            mm.flush()
+        del mms
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Library entry point for the CLI
+
+
+def _init_distributed(device: str) -> tuple[int, int, str]:
+    """Join the torchrun process group when launched by torchrun; return (rank, world, device)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank()
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+def train_members(cfg: TrainConfig, feats_dir: str | os.PathLike, ali_dir: str | os.PathLike,
+                  dev_feats_dir: str | os.PathLike, dev_ali_dir: str | os.PathLike,
+                  out_dir: str | os.PathLike, sequential: bool = False) -> list[Path]:
+    """Train seeds ``first_seed .. first_seed + members - 1`` into ``out_dir/seed<i>/``.
+
+    Batched (default): all members in one stack sharing one data order (``data_order_seed``).
+    Sequential: one member at a time, each with its own data order (its seed) unless
+    ``data_order_seed`` is set. Under torchrun: ``parallel=data`` shards batches (DDP);
+    ``parallel=members`` gives each rank its own members.
+    """
+    out_dir = Path(out_dir)
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.members))
+    names = [f"seed{s}" for s in seeds]
+    if is_done(out_dir) and read_json(out_dir / ".done").get("config") == config_hash(cfg) \
+            and all((out_dir / n / "model.pt").is_file() for n in names):
+        log.info("%s: done; skipping", out_dir)
+        return [out_dir / n / "model.pt" for n in names]
+    rank, world, device = _init_distributed(cfg.device)
+    cfg = dataclasses.replace(cfg, device=device)
+    feats_dtype = torch.bfloat16 if device.startswith("cuda") and cfg.dtype != "float32" else torch.float32
+    train = FrameData.from_dirs(feats_dir, ali_dir, cmvn=cfg.cmvn, device=device, dtype=feats_dtype)
+    dev = FrameData.from_dirs(dev_feats_dir, dev_ali_dir, cmvn=cfg.cmvn, device=device, dtype=feats_dtype)
+    log.info("train: %d frames (%d labelled), dev: %d frames (%d labelled), %s pdfs",
+             train.num_frames, train.num_labelled, dev.num_frames, dev.num_labelled, train.num_pdfs)
+    if world > 1 and cfg.parallel == "members":
+        mine = seeds[rank::world]
+        groups = [[s] for s in mine] if sequential else ([mine] if mine else [])
+        dp: bool | None = False
+    else:
+        groups = [[s] for s in seeds] if sequential else [seeds]
+        dp = None
+    paths: dict[int, Path] = {}
+    for group in groups:
+        # Run-level files (config, train_state.pt, .done) of each stack live under runs/.
+        run = f"seed{group[0]}" if sequential else (f"rank{rank}" if dp is False else "stack")
+        got = train_stack(cfg, train, dev, out_dir, group, member_names=[f"seed{s}" for s in group],
+                          state_dir=out_dir / "runs" / run, data_parallel=dp)
+        paths.update(zip(group, got))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank == 0:
+        write_config(cfg, out_dir)
+        rows = [read_json(out_dir / n / "summary.json") for n in names]
+        atomic_write_json(out_dir / "members.json", rows)
+        if all(r.get("complete") for r in rows):
+            mark_done(out_dir, {"config": config_hash(cfg), "members": names})
+    return [out_dir / n / "model.pt" for n in names]
+
+
+def _cli_train(args: argparse.Namespace) -> int:
+    overrides = parse_kv(args.set)
+    if args.members is not None:
+        overrides["members"] = args.members
+    if args.first_seed is not None:
+        overrides["first_seed"] = args.first_seed
+    if args.device is not None:
+        overrides["device"] = args.device
+    cfg = load_config(TrainConfig, args.config, overrides)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    train_members(cfg, args.feats_dir, args.ali_dir, args.dev_feats_dir, args.dev_ali_dir, args.out_dir,
+                  sequential=args.sequential)
+    return 0
+
+
+def _cli_posteriors(args: argparse.Namespace) -> int:
+    if len(args.model) != len(args.out):
+        raise SystemExit(f"--model and --out need the same number of paths ({len(args.model)} vs {len(args.out)})")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model = load_stack(args.model).to(args.device)
+    data = FrameData.from_dirs(args.feats_dir, None, cmvn=args.cmvn, device=args.device)
+    if data.feat_dim != model.input_feat_dim:
+        raise SystemExit(f"{args.feats_dir}: features have dim {data.feat_dim}, model expects {model.input_feat_dim}")
+    paths = save_posteriors(model, data, args.out, batch_size=args.batch_size)
+    for p in paths:
+        log.info("wrote %s (%d frames x %d pdfs, float16 log-posteriors)", p, data.num_frames, model.num_pdfs)
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-members", help="train N frame-classifier members (seeds 1..N) with cross-entropy",
+                       description="Example: asr train-members --feats-dir feats/train --ali-dir ali/train "
+                                   "--dev-feats-dir feats/dev --dev-ali-dir ali/dev --out-dir exp/mini/members "
+                                   "--members 10 --set arch=small")
+    p.add_argument("--feats-dir", required=True)
+    p.add_argument("--ali-dir", required=True)
+    p.add_argument("--dev-feats-dir", required=True)
+    p.add_argument("--dev-ali-dir", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--members", type=int, default=None, help="number of members (seeds first_seed..)")
+    p.add_argument("--first-seed", type=int, default=None)
+    p.add_argument("--config", default=None, help="YAML file of TrainConfig overrides")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--batched", dest="sequential", action="store_false", default=False,
+                      help="train all members in one stacked pass (default)")
+    mode.add_argument("--sequential", dest="sequential", action="store_true",
+                      help="train members one after another, each with its own data order")
+    p.set_defaults(func=_cli_train)
+
+    q = sub.add_parser("posteriors", help="write float16 log-posteriors of every frame of a set",
+                       description="Example: asr posteriors --model members/seed1/model.pt "
+                                   "--feats-dir feats/dev --out members/seed1/post/dev.npy")
+    q.add_argument("--model", nargs="+", required=True, help="one or more model.pt (same architecture)")
+    q.add_argument("--feats-dir", required=True)
+    q.add_argument("--out", nargs="+", required=True, help="one .npy per model")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--batch-size", type=int, default=4096)
+    q.add_argument("--cmvn", default="speaker")
+    q.add_argument("--threads", type=int, default=0)
+    q.set_defaults(func=_cli_posteriors)
