@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "asr.ensemble",
     "asr.distill",
     "asr.decode",
+    "asr.systems",
     "asr.report",
 ]
 

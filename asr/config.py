@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ C = TypeVar("C")
 def _coerce(name: str, value: Any, typ: Any) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
-    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+    if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]

@@ -32,6 +32,8 @@ import multiprocessing as mp
 import os
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,7 +44,7 @@ import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 import kaldifst
 
 from asr.config import config_to_dict, load_config, parse_kv
-from asr.io import atomic_write_json, is_done
+from asr.io import atomic_write_json, atomic_write_text, is_done
 
 __all__ = [
     "DecodeConfig",
@@ -293,17 +295,24 @@ def _run_tasks(graph_dir: Path, lang_dir: Path, cfg: DecodeConfig, tasks: Iterab
                 bar.update(1)
             return
         ctx = mp.get_context("spawn")
-        with ctx.Pool(nj, initializer=_worker_init,
-                      initargs=(str(graph_dir), str(lang_dir), config_to_dict(cfg))) as pool:
+        with ProcessPoolExecutor(nj, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(str(graph_dir), str(lang_dir), config_to_dict(cfg))) as pool:
             pending: deque = deque()
-            for t in tasks:
-                pending.append(pool.apply_async(_worker_decode, (t,)))
-                while len(pending) >= 2 * nj:
-                    yield pending.popleft().get()
+            try:
+                for t in tasks:
+                    pending.append(pool.submit(_worker_decode, t))
+                    while len(pending) >= 2 * nj:
+                        yield pending.popleft().result()
+                        bar.update(1)
+                while pending:
+                    yield pending.popleft().result()
                     bar.update(1)
-            while pending:
-                yield pending.popleft().get()
-                bar.update(1)
+            except BrokenProcessPool as e:
+                raise DecodeError(f"a decoding worker died (graph {graph_dir}); run with nj=1 to see "
+                                  f"the error: {e}") from None
+            finally:
+                for f in pending:
+                    f.cancel()
     finally:
         bar.close()
 
@@ -427,5 +436,5 @@ def _cli(args: argparse.Namespace) -> int:
     write_hyps(args.out, {u: r.text for u, r in res.items()})
     partial = [u for u, r in res.items() if not r.reached_final]
     if partial:
-        Path(str(args.out) + ".partial").write_text("".join(u + "\n" for u in partial))
+        atomic_write_text(str(args.out) + ".partial", "".join(u + "\n" for u in partial))
     return 0

@@ -230,21 +230,24 @@ class StackedOptimizer:
         lr_a = self.lr * a                                                    # 0 for frozen members
         if cfg.optimizer == "adam":
             t = self.steps.clamp(min=1).to(torch.float64)
-            bc1 = 1.0 - cfg.beta1 ** t
-            bc2 = 1.0 - cfg.beta2 ** t
+            # Per-member factors, computed once per step in float64 and cast once.
+            dt = self.params[0].dtype
+            w1 = ((1.0 - cfg.beta1) * a).to(dt)
+            w2 = ((1.0 - cfg.beta2) * a).to(dt)
+            inv_bc2 = (1.0 / (1.0 - cfg.beta2 ** t)).to(dt)
+            step_size = (lr_a / (1.0 - cfg.beta1 ** t)).to(dt)
+            decay = (1.0 - lr_a * cfg.weight_decay).to(dt)
             for i, p in enumerate(self.params):
                 g = p.grad
                 if g is None:
                     continue
                 m, v = self.buffers["exp_avg"][i], self.buffers["exp_avg_sq"][i]
-                w1 = self._bc(((1.0 - cfg.beta1) * a).to(p.dtype), p)
-                w2 = self._bc(((1.0 - cfg.beta2) * a).to(p.dtype), p)
                 if cfg.weight_decay:
-                    p.mul_(self._bc((1.0 - lr_a * cfg.weight_decay).to(p.dtype), p))
-                m.lerp_(g, w1)
-                v.lerp_(g * g, w2)
-                denom = (v / self._bc(bc2.to(p.dtype), p)).sqrt_().add_(cfg.eps)
-                p.sub_(m / denom * self._bc((lr_a / bc1).to(p.dtype), p))
+                    p.mul_(self._bc(decay, p))
+                m.lerp_(g, self._bc(w1, p))
+                v.lerp_(g.square(), self._bc(w2, p))
+                denom = v.mul(self._bc(inv_bc2, p)).sqrt_().add_(cfg.eps)
+                p.addcdiv_(m * self._bc(step_size, p), denom, value=-1.0)
         else:
             for i, p in enumerate(self.params):
                 g = p.grad
