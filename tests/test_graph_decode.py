@@ -151,7 +151,7 @@ def test_hybrid_loglikes_math():
     with pytest.raises(DecodeError):
         hybrid_loglikes(lp, pr[:2])
     with pytest.raises(DecodeError):
-        hybrid_loglikes(lp, np.log(np.array([0.0, 0.5, 0.5])))
+        hybrid_loglikes(lp, np.array([-np.inf, 0.5, 0.5]))
 
 
 def test_no_final_state_gives_partial_path(setup, caplog, tmp_path):
@@ -165,7 +165,8 @@ def test_no_final_state_gives_partial_path(setup, caplog, tmp_path):
     s_pdf = ctx.compute([lang.phone2id["S"]], 0)[1]
     start_sat = int(np.flatnonzero(pdfs == s_pdf)[0])
     cut = start_sat + int(np.flatnonzero(pdfs[start_sat:] == t_pdf)[0]) + 1
-    dec = Decoder(d / "graph", d / "lang", DecodeConfig(acwt=1.0))
+    # min_active=1: let the beam prune the (costly) paths that would force a final state
+    dec = Decoder(d / "graph", d / "lang", DecodeConfig(acwt=1.0, min_active=1))
     with caplog.at_level(logging.WARNING, logger="asr.decode"):
         r = dec.decode(_onehot(pdfs[:cut], lang.num_pdfs), utt="cut1")
     assert not r.reached_final
@@ -175,7 +176,7 @@ def test_no_final_state_gives_partial_path(setup, caplog, tmp_path):
     r2 = dec.decode(_onehot(pdfs[:2], lang.num_pdfs), utt="cut2")
     assert not r2.reached_final and r2.words == ()
     # allow_partial=False: empty hypothesis instead of a partial one
-    r3 = Decoder(d / "graph", d / "lang", DecodeConfig(acwt=1.0, allow_partial=False)).decode(
+    r3 = Decoder(d / "graph", d / "lang", DecodeConfig(acwt=1.0, min_active=1, allow_partial=False)).decode(
         _onehot(pdfs[:cut], lang.num_pdfs), utt="cut3")
     assert r3.words == () and not r3.reached_final
     # the results folder records it
@@ -207,15 +208,19 @@ def test_tune_acwt_writes_choice(setup, tmp_path):
         items.append((f"t{i}", _onehot(pdfs, lang.num_pdfs, off=-1.0)))
         refs[f"t{i}"] = s
     res = tune_acwt(d / "graph", d / "lang", items, refs, tmp_path / "tune.json",
-                    acwts=(0.01, 1.0, 3.0), word_ins_penalties=(0.0, 0.5), cfg=DecodeConfig(beam=20.0))
+                    acwts=(0.01, 1.0, 3.0), word_ins_penalties=(0.0, 30.0), cfg=DecodeConfig(beam=20.0))
     saved = json.loads((tmp_path / "tune.json").read_text())
     assert saved == json.loads(json.dumps(res))
     assert len(saved["grid"]) == 6
     best = min(saved["grid"], key=lambda r: (r["wer"], r["acwt"], r["word_ins_penalty"]))
     assert (saved["acwt"], saved["word_ins_penalty"]) == (best["acwt"], best["word_ins_penalty"])
     by_acwt = {r["acwt"]: r["wer"] for r in saved["grid"] if r["word_ins_penalty"] == 0.0}
-    assert by_acwt[1.0] == 0.0 and by_acwt[0.01] > 0.0
-    assert saved["wer"] == 0.0 and saved["lm_weight"] == pytest.approx(1.0 / saved["acwt"])
+    assert by_acwt[3.0] == 0.0 and by_acwt[0.01] > by_acwt[3.0]
+    assert (saved["acwt"], saved["word_ins_penalty"], saved["wer"]) == (3.0, 0.0, 0.0)
+    assert saved["lm_weight"] == pytest.approx(1.0 / 3.0)
+    # a large word insertion penalty deletes words
+    penalised = {r["acwt"]: r for r in saved["grid"] if r["word_ins_penalty"] == 30.0}
+    assert penalised[1.0]["del"] > 0 and penalised[1.0]["wer"] > by_acwt[1.0]
 
 
 def test_bad_input_errors(setup):

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Stages 1-9 of the hybrid HMM/DNN distillation recipe, shared by recipes/librispeech and
+# recipes/mini. Sourced by their run.sh after options are parsed; it expects these variables:
+#   exp corpus_dir train_set dev_sets test_sets conf train_conf nj members device ngpu
+#   ensemble_sizes temperatures soft_targets lexicon_extra vocab_file lm_text arpa train_overrides
+#   gmm_acwt_grid nn_acwt_grid
+#   stage stop_stage
+# Every step is one `asr` call with explicit inputs and one output dir, skipped by run_step when
+# its stamp (command + config + upstream stamps) is unchanged.
+
+all_sets="$train_set $dev_sets $test_sets"
+eval_sets="$dev_sets $test_sets"
+tune_set=${dev_sets%% *}          # acwt is tuned on the first dev set, never on test
+data=$exp/data
+asr=(asr)
+
+# ---- stage 1: manifests, lexicon, OOV report
+if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
+  log "stage 1: data preparation"
+  run_step "$data/manifests" "" -- \
+    "${asr[@]}" prepare-librispeech --corpus-dir "$corpus_dir" --subsets "$(echo $all_sets | tr ' ' ,)" \
+      --out-dir "$data" --nj "$nj"
+  manifests=(); for s in $all_sets; do manifests+=("$data/$s/manifest.jsonl"); done
+  extra=(); [ -n "$lexicon_extra" ] && [ -f "$lexicon_extra" ] && extra=(--extra "$lexicon_extra")
+  run_step "$data/local" "$data/manifests $conf/lexicon.yaml" -- \
+    "${asr[@]}" prepare-lexicon --out "$data/local" --config "$conf/lexicon.yaml" "${extra[@]}" \
+      --manifests "${manifests[@]}"
+fi
+
+# ---- stage 2: log-mel filterbank features + CMVN statistics
+if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
+  log "stage 2: features"
+  for s in $all_sets; do
+    run_step "$exp/feats/$s" "$data/manifests $conf/fbank.yaml" -- \
+      "${asr[@]}" make-feats --manifest "$data/$s/manifest.jsonl" --out-dir "$exp/feats/$s" \
+        --config "$conf/fbank.yaml" --nj "$nj"
+  done
+fi
+
+# ---- stage 3: lang, language model, HCLG
+if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
+  log "stage 3: lang, LM, graph"
+  run_step "$exp/lang" "$data/local $conf/lang.yaml" -- \
+    "${asr[@]}" prepare-lang --lexicon "$data/local/lexicon.txt" --out-dir "$exp/lang" \
+      --config "$conf/lang.yaml" --vocab "$vocab_file"
+  evals=(); for s in $eval_sets; do evals+=(--eval "$s=$data/$s/manifest.jsonl"); done
+  if [ -n "$arpa" ]; then lm_src=(--arpa "$arpa"); else lm_src=(--text "$lm_text"); fi
+  run_step "$exp/lm" "$exp/lang $conf/lm.yaml" -- \
+    "${asr[@]}" train-lm "${lm_src[@]}" --lang-dir "$exp/lang" --out-dir "$exp/lm" \
+      --config "$conf/lm.yaml" "${evals[@]}"
+  run_step "$exp/graph" "$exp/lang $exp/lm" -- \
+    "${asr[@]}" make-graph --lang-dir "$exp/lang" --lm-dir "$exp/lm" --out-dir "$exp/graph"
+fi
+
+# ---- stage 4: flat-start monophone GMM-HMM; frame labels for every set
+if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
+  log "stage 4: GMM training and alignment"
+  run_step "$exp/gmm_mono" "$exp/lang $exp/feats/$train_set $conf/gmm.yaml" -- \
+    "${asr[@]}" train-gmm --feats-dir "$exp/feats/$train_set" --manifest "$data/$train_set/manifest.jsonl" \
+      --lang-dir "$exp/lang" --out-dir "$exp/gmm_mono" --ali-dir "$exp/ali/$train_set" \
+      --config "$conf/gmm.yaml" --nj "$nj"
+  for s in $eval_sets; do
+    run_step "$exp/ali/$s" "$exp/gmm_mono $exp/feats/$s" -- \
+      "${asr[@]}" align --model-dir "$exp/gmm_mono" --lang-dir "$exp/lang" --feats-dir "$exp/feats/$s" \
+        --manifest "$data/$s/manifest.jsonl" --out-dir "$exp/ali/$s" --nj "$nj"
+  done
+fi
+
+# torchrun for several GPUs; one process otherwise.
+train_launch=("${asr[@]}")
+train_set_opts=(); distill_set_opts=()
+if [ -n "$train_overrides" ]; then
+  # shellcheck disable=SC2206
+  train_set_opts=(--set $train_overrides); distill_set_opts=(--train-set $train_overrides)
+fi
+[ "$ngpu" -gt 1 ] && train_launch=(torchrun --standalone --nproc-per-node "$ngpu" -m asr.cli)
+
+# ---- stage 5: N members with cross-entropy, seeds 1..N; their posteriors on dev/test
+if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
+  log "stage 5: train $members members"
+  first_dev=${dev_sets%% *}
+  run_step "$exp/members" "$exp/gmm_mono $exp/ali/$first_dev $train_conf" -- \
+    "${train_launch[@]}" train-members --feats-dir "$exp/feats/$train_set" --ali-dir "$exp/ali/$train_set" \
+      --dev-feats-dir "$exp/feats/$first_dev" --dev-ali-dir "$exp/ali/$first_dev" \
+      --out-dir "$exp/members" --members "$members" --config "$train_conf" --device "$device" "${train_set_opts[@]}"
+  for s in $eval_sets; do
+    models=(); outs=()
+    for i in $(seq 1 "$members"); do models+=("$exp/members/seed$i/model.pt"); outs+=("$exp/members/seed$i/post/$s.npy"); done
+    run_step "$exp/members/post_$s" "$exp/members" -- \
+      "${asr[@]}" posteriors --model "${models[@]}" --feats-dir "$exp/feats/$s" --out "${outs[@]}" --device "$device"
+  done
+fi
+
+member_dirs=(); for i in $(seq 1 "$members"); do member_dirs+=("$exp/members/seed$i"); done
+teachers=(); for d in "${member_dirs[@]}"; do teachers+=("$d/model.pt"); done
+
+# ---- stage 6: ensembles of the first k members; top-k soft-target caches
+if [ "$stage" -le 6 ] && [ "$stop_stage" -ge 6 ]; then
+  log "stage 6: ensembles ($ensemble_sizes) and soft targets"
+  post_stamps=""; for s in $eval_sets; do post_stamps+=" $exp/members/post_$s"; done
+  run_step "$exp/ensemble" "$post_stamps" -- \
+    "${asr[@]}" ensemble --members "${member_dirs[@]}" --sets $eval_sets --out-dir "$exp/ensemble" \
+      --sizes "$ensemble_sizes"
+  if [ "$soft_targets" = cache ]; then
+    run_step "$exp/soft_targets" "$exp/members $conf/distill.yaml" -- \
+      "${asr[@]}" soft-targets --teachers "${teachers[@]}" --feats "$exp/feats/$train_set" \
+        --out-dir "$exp/soft_targets" --temperatures "$temperatures" --device "$device"
+  fi
+fi
+
+# ---- stage 7: distilled students, one per temperature, trained together
+if [ "$stage" -le 7 ] && [ "$stop_stage" -ge 7 ]; then
+  log "stage 7: distillation, T in {$temperatures}"
+  first_dev=${dev_sets%% *}
+  posts=(); for s in $eval_sets; do posts+=(--post "$s=$exp/feats/$s"); done
+  cache=(); inputs="$exp/members $conf/distill.yaml"
+  [ "$soft_targets" = cache ] && cache=(--cache-dir "$exp/soft_targets") && inputs+=" $exp/soft_targets"
+  run_step "$exp/distill" "$inputs" -- \
+    "${asr[@]}" distill --teachers "${teachers[@]}" --train-feats "$exp/feats/$train_set" \
+      --train-ali "$exp/ali/$train_set" --dev-feats "$exp/feats/$first_dev" --dev-ali "$exp/ali/$first_dev" \
+      --out-dir "$exp/distill" --temperatures "$temperatures" --soft-targets "$soft_targets" "${cache[@]}" \
+      --config "$conf/distill.yaml" --device "$device" "${distill_set_opts[@]}" "${posts[@]}"
+fi
+
+# ---- stage 8: decode every system on every dev/test set (acwt tuned on $tune_set)
+if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
+  log "stage 8: decoding"
+  dec=("${asr[@]}" decode --exp-dir "$exp" --sets $eval_sets --train-set "$train_set" --nj "$nj" --config "$conf/decode.yaml")
+  run_step "$exp/decode/gmm-mono" "$exp/gmm_mono $exp/graph $conf/decode.yaml" -- \
+    "${dec[@]}" --system "$exp/gmm_mono" --tune-set "$tune_set" --acwt-grid "$gmm_acwt_grid"
+  # Members share one architecture and recipe: member 1 tunes acwt, the others reuse it.
+  run_step "$exp/decode/member-seed1" "$exp/members $exp/graph $conf/decode.yaml" -- \
+    "${dec[@]}" --system "$exp/members/seed1" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
+  for i in $(seq 2 "$members"); do
+    run_step "$exp/decode/member-seed$i" "$exp/decode/member-seed1" -- \
+      "${dec[@]}" --system "$exp/members/seed$i" --acwt-from "$exp/decode/member-seed1/tune.json"
+  done
+  for k in $(echo "$ensemble_sizes" | tr , ' '); do
+    [ "$k" -eq 1 ] && continue   # ensemble-1 is member-seed1
+    run_step "$exp/decode/ensemble-$k" "$exp/ensemble $exp/graph $conf/decode.yaml" -- \
+      "${dec[@]}" --system "$exp/ensemble/post_$k" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
+  done
+  for t in $(echo "$temperatures" | tr , ' '); do
+    tn=$(python3 -c "print(f'T{float($t):g}')")
+    run_step "$exp/decode/distilled-$tn" "$exp/distill $exp/graph $conf/decode.yaml" -- \
+      "${dec[@]}" --system "$exp/distill/$tn" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
+  done
+fi
+
+# ---- stage 9: RESULTS.md, results.json, plots; print the table
+if [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
+  log "stage 9: report"
+  "${asr[@]}" report --exp-dir "$exp" --sets $eval_sets
+  log "wrote $exp/RESULTS.md and $exp/results.json"
+fi
