@@ -69,8 +69,8 @@ class DecodeConfig:
     """Search settings. Scores are ``acwt * loglikes`` plus graph costs (LM weight 1)."""
 
     acwt: float = 0.1                  # acoustic scale (1 / LM weight); tune on dev
-    beam: float = 13.0                 # search beam (in scaled cost units)
-    max_active: int = 7000             # maximum active states per frame
+    beam: float = 10.0                 # search beam (scaled cost units); 10/1000: RTF ~0.02 (benchmarks/)
+    max_active: int = 1000             # maximum active states per frame
     min_active: int = 20               # minimum active states per frame
     word_ins_penalty: float = 0.0      # cost added per output word (>0 discourages insertions)
     lattice: bool = False              # LatticeFasterDecoder instead of FasterDecoder (slower)
@@ -362,7 +362,7 @@ def tune_acwt(
     items: Items,
     refs: Mapping[str, str],
     out_path: str | os.PathLike,
-    acwts: Sequence[float] = (0.05, 0.067, 0.083, 0.1, 0.125, 0.15, 0.2),
+    acwts: Sequence[float] = (0.05, 0.075, 0.1, 0.15, 0.2),
     word_ins_penalties: Sequence[float] = (0.0,),
     cfg: DecodeConfig = DecodeConfig(),
     nj: int = 1,

@@ -144,7 +144,26 @@ def _relabel_text(fst, disambig: set[int], max_ilabel: int, what: str):
     return kaldifst.compile("\n".join(out) + "\n"), n_relabelled
 
 
-def _child_hclg(lang_dir: str, g: str, out: str, cfg: dict, transition_stats: str | None) -> dict:
+def _load_transition_log_probs(path: str | os.PathLike):
+    """``(num_transition_ids + 1,)`` log-probs from a ``.npy`` or from a GMM model archive
+    (``final.mdl``: an ``.npz`` with ``transition_log_probs``, or the directory holding it)."""
+    import numpy as np
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "final.mdl"
+    if not p.is_file():
+        raise GraphError(f"transition model source {p} does not exist")
+    with open(p, "rb") as f:
+        arr = np.load(f, allow_pickle=False)
+        if hasattr(arr, "files"):
+            if "transition_log_probs" not in arr.files:
+                raise GraphError(f"{p} has no transition_log_probs")
+            arr = arr["transition_log_probs"]
+    return np.asarray(arr, dtype=np.float64)
+
+
+def _child_hclg(lang_dir: str, g: str, out: str, cfg: dict, transition_log_probs: str | None) -> dict:
     import kaldi_hmm_gmm as khg  # noqa: I001  (before kaldifst)
     import kaldifst
     import numpy as np
@@ -156,12 +175,15 @@ def _child_hclg(lang_dir: str, g: str, out: str, cfg: dict, transition_stats: st
     lang = load_lang(lang_dir)
     ctx = lang.ctx_dep()
     tm = lang.transition_model()
-    if transition_stats:
-        stats = np.load(transition_stats, allow_pickle=False).astype(np.float64)
-        if stats.shape[0] != tm.num_transition_ids + 1:
-            raise GraphError(f"{transition_stats}: {stats.shape[0]} transition stats, expected "
-                             f"{tm.num_transition_ids + 1} (num_transition_ids + 1)")
-        tm.mle_update(stats.reshape(-1, 1), khg.MleTransitionUpdateConfig())
+    if transition_log_probs:
+        # set the trained probabilities by one ML update whose counts are those probabilities
+        lp = _load_transition_log_probs(transition_log_probs)
+        if lp.shape != (tm.num_transition_ids + 1,):
+            raise GraphError(f"{transition_log_probs}: {lp.shape[0] - 1} transition ids, the lang's "
+                             f"topology gives {tm.num_transition_ids}")
+        stats = np.exp(lp) * 1e6
+        stats[0] = 0.0
+        tm.mle_update(stats, khg.MleTransitionUpdateConfig(floor=1e-30, mincount=0.0))
     L = lang.L_disambig()
     G = kaldifst.StdVectorFst.read(g)
     kaldifst.arcsort(G, sort_type="ilabel")
@@ -208,7 +230,7 @@ def _child_hclg(lang_dir: str, g: str, out: str, cfg: dict, transition_stats: st
     info["HCLG"] = fst_stats(HCLG)
     info.update(disambig_tids=len(disambig_tids), disambig_arcs_relabelled=n_rel,
                 num_transition_ids=int(tm.num_transition_ids), num_pdfs=int(tm.num_pdfs),
-                trained_transitions=bool(transition_stats), build_seconds=round(time.time() - t0, 3))
+                trained_transitions=bool(transition_log_probs), build_seconds=round(time.time() - t0, 3))
     return info
 
 
@@ -246,13 +268,14 @@ def make_graph(
     lm_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     cfg: GraphConfig = GraphConfig(),
-    transition_stats: str | os.PathLike | None = None,
+    transition_log_probs: str | os.PathLike | None = None,
 ) -> Path:
     """Build ``HCLG.fst`` from ``lang_dir`` and ``lm_dir/G.fst``; skipped when up to date.
 
-    ``transition_stats``: optional ``.npy`` of transition-id counts ``(num_transition_ids + 1,)``
-    (e.g. accumulated by the GMM trainer); when given, the transition probabilities in HCLG are
-    ML re-estimated from them, otherwise the topology's initial probabilities are used.
+    ``transition_log_probs``: optional trained transition probabilities, a ``.npy``
+    ``(num_transition_ids + 1,)`` or a GMM model (``gmm_mono/final.mdl`` or its directory), as Kaldi
+    builds HCLG with ``final.mdl``; without it the topology's initial probabilities are used (the
+    graph then depends on lang + LM only and can be shared by every system).
     Returns ``out_dir``.
     """
     lang_dir, lm_dir, out_dir = Path(lang_dir), Path(lm_dir), Path(out_dir)
@@ -265,11 +288,13 @@ def make_graph(
     for p in inputs:
         if not p.is_file():
             raise GraphError(f"{p} does not exist")
-    ts = Path(transition_stats) if transition_stats is not None else None
+    ts = Path(transition_log_probs) if transition_log_probs is not None else None
+    if ts is not None and ts.is_dir():
+        ts = ts / "final.mdl"
     stamp = {
         "config_hash": config_hash(cfg),
         "inputs": {p.name: _sha1(p) for p in inputs},
-        "transition_stats": _sha1(ts) if ts is not None else None,
+        "transition_log_probs": _sha1(ts) if ts is not None else None,
     }
     if is_done(out_dir) and read_json(out_dir / ".done") == stamp:
         log.info("graph %s is up to date; skipping", out_dir)
@@ -281,7 +306,7 @@ def make_graph(
     with atomic_path(out_dir / "HCLG.fst") as tmp:
         info = run_child("hclg", {"lang_dir": str(lang_dir), "g": str(g), "out": str(tmp),
                                   "cfg": config_to_dict(cfg),
-                                  "transition_stats": str(ts) if ts is not None else None},
+                                  "transition_log_probs": str(ts) if ts is not None else None},
                          out_dir / "log" / "mkgraph.log", what=f"building HCLG from {lang_dir} and {g}")
     info["wall_seconds"] = round(time.time() - t0, 3)
     info["size_mb"] = round((out_dir / "HCLG.fst").stat().st_size / 2**20, 3)
@@ -304,8 +329,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lang-dir", required=True, help="lang directory")
     p.add_argument("--lm-dir", required=True, help="LM directory with G.fst")
     p.add_argument("--out-dir", required=True, help="output graph directory")
-    p.add_argument("--transition-stats", default=None,
-                   help=".npy of transition-id counts to re-estimate transition probabilities")
+    p.add_argument("--transition-model", default=None,
+                   help="trained transition probabilities: a GMM model (final.mdl or its dir) or a .npy")
     p.add_argument("--config", default=None, help="YAML file with GraphConfig overrides")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one GraphConfig field")
@@ -314,7 +339,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     cfg = load_config(GraphConfig, args.config, parse_kv(args.overrides))
-    make_graph(args.lang_dir, args.lm_dir, args.out_dir, cfg, transition_stats=args.transition_stats)
+    make_graph(args.lang_dir, args.lm_dir, args.out_dir, cfg, transition_log_probs=args.transition_model)
     return 0
 
 

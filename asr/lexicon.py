@@ -62,7 +62,6 @@ SPECIAL_PHONES: tuple[str, ...] = (SIL, SPN)
 Pron = tuple[str, ...]
 Lexicon = dict[str, list[Pron]]
 
-_PHONE_SET = frozenset(PHONES) | frozenset(SPECIAL_PHONES)
 _VARIANT = re.compile(r"\(\d+\)$")
 
 

@@ -352,7 +352,7 @@ class SpeakerSpec:
             tts = f"{v.engine} {v.name} f0 {self.pitch:.0f}Hz stretch {self.rate:.2f}"
         c = self.channel
         rev = f"reverb {c['reverberance']:.0f}%" if c["reverb"] else "no reverb"
-        return (f"{tts}; speed {c['speed']:.3f}, band {c['highpass']:.0f}-{c['lowpass']:.0f} Hz, {rev}, "
+        return (f"{tts}, channel: speed {c['speed']:.3f}, band {c['highpass']:.0f}-{c['lowpass']:.0f} Hz, {rev}, "
                 f"noise a={c['noise_alpha']:.1f} SNR {c['snr_db']:.0f} dB")
 
 
@@ -699,14 +699,12 @@ How it was made
 
 
 def _check_tools(engines: set[str]) -> None:
-    need = ["sox"] + sorted(engines)
-    missing = [t for t in need if shutil.which(t) is None]
+    missing = [t for t in ["sox", *sorted(engines)] if shutil.which(t) is None]
     if missing:
-        raise MiniCorpusError(f"missing command(s) {missing}: install Debian's "
-                              f"{', '.join('espeak-ng' if t == 'espeak-ng' else t for t in missing)} package(s)")
+        raise MiniCorpusError(f"missing command(s) {missing}: install the Debian package(s) of the same name")
 
 
-def _jobs(plan: CorpusPlan, root: Path, cfg: MiniCorpusConfig) -> list[tuple[SpeakerSpec, list[UttSpec], str]]:
+def _jobs(plan: CorpusPlan, root: Path) -> list[tuple[SpeakerSpec, list[UttSpec], str]]:
     by_spk: dict[str, list[UttSpec]] = {}
     for u in plan.utts:
         by_spk.setdefault(u.speaker, []).append(u)
@@ -743,7 +741,7 @@ def build_mini_corpus(out_dir: str | os.PathLike, cfg: MiniCorpusConfig = MiniCo
     _check_tools({s.voice.engine for s in plan.speakers})
     root.mkdir(parents=True, exist_ok=True)
     write_config(cfg, root)
-    jobs = _jobs(plan, root, cfg)
+    jobs = _jobs(plan, root)
     from tqdm import tqdm
 
     todo = sum(not _flac_path(root, u).is_file() for u in plan.utts)

@@ -246,3 +246,22 @@ def test_graph_build_crash_is_a_clear_error(setup, tmp_path):
         make_graph(tmp_path / "lang", d / "lm", tmp_path / "graph")
     assert not (tmp_path / "graph" / ".done").exists()
     assert not (tmp_path / "graph" / "HCLG.fst").exists()
+
+
+def test_graph_with_trained_transition_probs(setup, tmp_path):
+    d, lang, lex = setup
+    tm = lang.transition_model()
+    lp = np.array([0.0] + [np.log(0.5) for t in range(1, tm.num_transition_ids + 1)])
+    np.save(tmp_path / "tlp.npy", lp)
+    g = make_graph(d / "lang", d / "lm", tmp_path / "graph", transition_log_probs=tmp_path / "tlp.npy")
+    info = json.loads((g / "info.json").read_text())
+    assert info["trained_transitions"] is True
+    assert (g / "HCLG.fst").read_bytes() != (d / "graph" / "HCLG.fst").read_bytes()
+    rng = np.random.default_rng(5)
+    s = "THE BIG CAT SAT ON THE MAT"
+    r = Decoder(g, d / "lang", DecodeConfig(acwt=1.0)).decode(_onehot(_alignment(lang, lex, s.split(), rng),
+                                                                       lang.num_pdfs))
+    assert r.text == s and r.reached_final
+    np.save(tmp_path / "bad.npy", lp[:-1])
+    with pytest.raises(GraphError, match="transition ids"):
+        make_graph(d / "lang", d / "lm", tmp_path / "graph2", transition_log_probs=tmp_path / "bad.npy")
