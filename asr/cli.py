@@ -11,54 +11,62 @@ import importlib
 import logging
 import sys
 
-# Modules that contribute subcommands, in pipeline order.
-COMMAND_MODULES = [
-    "data_prep.librispeech",
-    "data_prep.mini_corpus",
-    "asr.lexicon",
-    "asr.features",
-    "asr.lang",
-    "asr.lm",
-    "asr.graph",
-    "asr.gmm",
-    "asr.train",
-    "asr.ensemble",
-    "asr.distill",
-    "asr.decode",
-    "asr.systems",
-    "asr.report",
-]
+# Subcommand -> the module that defines it, in pipeline order. Only the module of the command
+# being run is imported (importing torch and the Kaldi bindings for every command costs seconds).
+COMMANDS = {
+    "download-librispeech": "data_prep.librispeech",
+    "prepare-librispeech": "data_prep.librispeech",
+    "build-mini-corpus": "data_prep.mini_corpus",
+    "prepare-lexicon": "asr.lexicon",
+    "make-feats": "asr.features",
+    "prepare-lang": "asr.lang",
+    "train-lm": "asr.lm",
+    "make-graph": "asr.graph",
+    "train-gmm": "asr.gmm",
+    "align": "asr.gmm",
+    "train-members": "asr.train",
+    "posteriors": "asr.train",
+    "ensemble": "asr.ensemble",
+    "soft-targets": "asr.distill",
+    "distill": "asr.distill",
+    "decode-loglikes": "asr.decode",
+    "decode": "asr.systems",
+    "report": "asr.report",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (``command`` given) one holding just that command's module."""
     parser = argparse.ArgumentParser(prog="asr", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # step not written yet
-                continue
-            raise
-        if hasattr(module, "add_cli"):
-            module.add_cli(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
+        importlib.import_module(name).add_cli(sub)
     return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    for a in argv:
+        if not a.startswith("-"):
+            return a
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     # Kaldi's HMM bindings must be imported before kaldifst (DESIGN.md section 4).
     import kaldi_hmm_gmm  # noqa: F401
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
         datefmt="%H:%M:%S",
     )
-    logging.getLogger("asr").info("asr %s", " ".join(sys.argv[1:] if argv is None else argv))
+    logging.getLogger("asr").info("asr %s", " ".join(argv))
     log = logging.getLogger("asr")
     try:
         rc = args.func(args)

@@ -27,7 +27,6 @@ import argparse
 import gzip
 import hashlib
 import logging
-import math
 import os
 import shutil
 from collections import defaultdict
