@@ -421,7 +421,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output hypothesis file (<utt> words)")
     p.add_argument("--nj", type=int, default=1)
     p.add_argument("--config", default=None, help="YAML file with DecodeConfig overrides")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override one DecodeConfig field")
     p.set_defaults(func=_cli)
 

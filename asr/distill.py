@@ -661,10 +661,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="student seed")
     p.add_argument("--cache-dir", default=None, help="cache mode: where the top-k caches live")
     p.add_argument("--config", default=None, help="YAML with DistillConfig overrides")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="DistillConfig override")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="DistillConfig override")
     p.add_argument("--train-config", default=None,
                    help="YAML with TrainConfig overrides (default: the teachers' stored training config)")
-    p.add_argument("--train-set", action="append", metavar="KEY=VALUE", help="TrainConfig override")
+    p.add_argument("--train-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="TrainConfig override")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the training config's device)")
     p.set_defaults(func=_cli_distill)
 
@@ -681,6 +681,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--temperatures", default=None)
     q.add_argument("--k", type=int, default=None)
     q.add_argument("--config", default=None, help="YAML with SoftTargetConfig overrides")
-    q.add_argument("--set", action="append", metavar="KEY=VALUE")
+    q.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     q.add_argument("--device", default="cpu")
     q.set_defaults(func=_cli_soft_targets)

@@ -223,5 +223,5 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", default=None, help="comma-separated ensemble sizes (default: all members)")
     p.add_argument("--mode", choices=MODES, default=None, help="arithmetic (default) or geometric mean")
     p.add_argument("--config", default=None, help="YAML file with EnsembleConfig overrides")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config override")
     p.set_defaults(func=_cli)

@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -86,11 +85,11 @@ class GmmError(ValueError):
 class GmmConfig:
     """Monophone training and alignment settings (Kaldi train_mono.sh, scaled to a CPU budget)."""
 
-    num_iters: int = 20              # estimation passes (Kaldi: 40); pass 0 uses equal alignment
-    max_iter_inc: int = 15           # Gaussians grow linearly up to this pass (Kaldi: 30)
+    num_iters: int = 16              # estimation passes (Kaldi: 40); pass 0 uses equal alignment
+    max_iter_inc: int = 12           # Gaussians grow linearly up to this pass (Kaldi: 30)
     total_gauss: int = 1000          # target number of Gaussians in total
-    realign_iters: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 18)
-    subset_utts: int = 1000          # train on the N shortest utterances (0 = all)
+    realign_iters: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14)
+    subset_utts: int = 600           # train on the N shortest utterances (0 = all; Kaldi: 2000 of 28k)
     beam: float = 100.0              # Viterbi beam (wide: narrow beams fail silently, DESIGN.md)
     retry_beam: float = 400.0
     acoustic_scale: float = 0.1
@@ -278,14 +277,17 @@ class GmmModel:
         return xx @ self._proj[:, comps] + self._gconst[comps]
 
     def loglikes(self, feats: np.ndarray, pdfs: np.ndarray | None = None) -> np.ndarray:
-        """Pdf log-likelihoods ``(T, len(pdfs))`` (all pdfs when ``pdfs`` is None)."""
+        """Pdf log-likelihoods ``(T, len(pdfs))`` (all pdfs when ``pdfs`` is None).
+
+        The log-sum-exp is taken relative to each frame's best Gaussian; a pdf more than ~690 nats
+        below it is clamped there (it can never win a frame anyway)."""
         pdfs = np.arange(self.num_pdfs) if pdfs is None else np.asarray(pdfs, np.int64)
         comps = self.comps_of(pdfs)
         ll = self.gauss_loglikes(feats, comps)  # (T, K)
         seg = np.concatenate([[0], np.cumsum(self.offsets[pdfs + 1] - self.offsets[pdfs])[:-1]])
-        m = np.maximum.reduceat(ll, seg, axis=1)  # (T, P)
-        rep = np.repeat(m, self.offsets[pdfs + 1] - self.offsets[pdfs], axis=1)
-        return m + np.log(np.add.reduceat(np.exp(ll - rep), seg, axis=1))
+        m = ll.max(axis=1, keepdims=True)  # (T, 1)
+        tot = np.add.reduceat(np.exp(ll - m), seg, axis=1)  # (T, P)
+        return np.log(np.maximum(tot, 1e-300)) + m
 
     # Kaldi interop ---------------------------------------------------------------------------
 
@@ -425,21 +427,29 @@ class _Stats:
 
 
 def _accumulate(model: GmmModel, feats: np.ndarray, pdf_ali: np.ndarray, tid_ali: np.ndarray, st: _Stats) -> float:
-    """Add one utterance's statistics (Gaussian posteriors within each frame's aligned pdf)."""
-    pdfs = np.unique(pdf_ali)
-    comps = model.comps_of(pdfs)
-    ll = model.gauss_loglikes(feats, comps)  # (T, K)
-    mask = model.comp_pdf[comps][None, :] == pdf_ali[:, None]
-    ll = np.where(mask, ll, -np.inf)
-    m = ll.max(axis=1)
-    e = np.exp(ll - m[:, None])
-    s = e.sum(axis=1)
-    post = e / s[:, None]  # (T, K)
-    st.occ[comps] += post.sum(axis=0)
-    st.x[comps] += post.T @ feats
-    st.x2[comps] += post.T @ (feats * feats)
+    """Add one utterance's statistics: Gaussian posteriors within each frame's aligned pdf.
+    Frames are grouped by pdf so only that pdf's Gaussians are evaluated. Returns the utterance's
+    total log-likelihood."""
+    xx = np.concatenate([feats, feats * feats], axis=1)  # (T, 2D)
+    d = model.dim
+    order = np.argsort(pdf_ali, kind="stable")
+    pdfs, starts, counts = np.unique(pdf_ali[order], return_index=True, return_counts=True)
+    like = 0.0
+    for p, s0, n in zip(pdfs.tolist(), starts.tolist(), counts.tolist()):
+        idx = order[s0:s0 + n]
+        a, b = model.offsets[p], model.offsets[p + 1]
+        sub = xx[idx]  # (n, 2D)
+        ll = sub @ model._proj[:, a:b] + model._gconst[a:b]  # (n, g)
+        m = ll.max(axis=1)
+        e = np.exp(ll - m[:, None])
+        tot = e.sum(axis=1)
+        post = e / tot[:, None]  # (n, g)
+        st.occ[a:b] += post.sum(axis=0)
+        acc = post.T @ sub  # (g, 2D): first-order and second-order statistics
+        st.x[a:b] += acc[:, :d]
+        st.x2[a:b] += acc[:, d:]
+        like += float(np.sum(m + np.log(tot)))
     np.add.at(st.trans, tid_ali, 1.0)
-    like = float(np.sum(m + np.log(s)))
     st.like += like
     st.frames += int(len(pdf_ali))
     return like
@@ -950,7 +960,7 @@ def align(
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML file with GmmConfig overrides")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override one GmmConfig field (repeatable)")
     p.add_argument("--nj", type=int, default=1, help="worker processes")
 

@@ -332,7 +332,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--transition-model", default=None,
                    help="trained transition probabilities: a GMM model (final.mdl or its dir) or a .npy")
     p.add_argument("--config", default=None, help="YAML file with GraphConfig overrides")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override one GraphConfig field")
     p.set_defaults(func=_cli)
 

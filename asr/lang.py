@@ -540,7 +540,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", action="append", default=None,
                    help="text file whose tokens form the vocabulary (repeatable)")
     p.add_argument("--config", default=None, help="YAML file with LangConfig overrides")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override one LangConfig field")
     p.set_defaults(func=_cli)
 

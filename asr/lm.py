@@ -454,7 +454,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", action="append", default=[], metavar="NAME=MANIFEST",
                    help="evaluation set for perplexity / OOV and the overlap check (repeatable)")
     p.add_argument("--config", default=None, help="YAML file with LmConfig overrides")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override one LmConfig field")
     p.set_defaults(func=_cli)
 

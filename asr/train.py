@@ -860,7 +860,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--members", type=int, default=None, help="number of members (seeds first_seed..)")
     p.add_argument("--first-seed", type=int, default=None)
     p.add_argument("--config", default=None, help="YAML file of TrainConfig overrides")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--batched", dest="sequential", action="store_false", default=False,

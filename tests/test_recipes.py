@@ -1,0 +1,171 @@
+"""Recipe mechanics: option parsing, stage boundaries, no-op reruns, resumption, config changes;
+the LibriSpeech recipe's stages 1-2 on a LibriSpeech-layout fixture; the mini recipe end to end at
+smoke size (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_librispeech
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ROOT / "recipes" / "common"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+# A toy recipe with three stages, each appending to a log so the test can see what ran.
+TOY = r"""#!/usr/bin/env bash
+set -euo pipefail
+stage=0
+stop_stage=100
+work=work
+fail_at=""          # stage B fails half-way when set to "b"
+param=1
+. {common}/parse_options.sh
+. {common}/stage.sh
+if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
+  echo "$param" > $work.conf_a
+  run_step "$work/a" "$work.conf_a" -- bash -c "mkdir -p $work/a && echo a >> $work/ran && echo A > $work/a/out"
+fi
+if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
+  run_step "$work/b" "$work/a" -- bash -c '
+    mkdir -p '"$work"'/b; echo b >> '"$work"'/ran
+    [ -f '"$work"'/b/part1 ] || { echo part1 > '"$work"'/b/part1; echo resumed-part1-written >> '"$work"'/ran; }
+    [ "'"$fail_at"'" = b ] && exit 3
+    echo part2 > '"$work"'/b/part2'
+fi
+if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
+  run_step "$work/c" "$work/b" -- bash -c "mkdir -p $work/c && echo c >> $work/ran"
+fi
+"""
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> Path:
+    script = tmp_path / "run.sh"
+    script.write_text(TOY.replace("{common}", str(COMMON)))
+    return script
+
+
+def _run_toy(script: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], cwd=script.parent, capture_output=True, text=True,
+                          check=check)
+
+
+def _ran(script: Path) -> list[str]:
+    f = script.parent / "work" / "ran"
+    return f.read_text().split() if f.exists() else []
+
+
+def test_unknown_option_fails(toy: Path) -> None:
+    r = _run_toy(toy, "--no-such-option", "1", check=False)
+    assert r.returncode != 0
+    assert "unknown option --no-such-option" in r.stderr
+
+
+def test_stage_boundaries(toy: Path) -> None:
+    _run_toy(toy, "--stage", "2", "--stop-stage", "2")
+    assert _ran(toy) == ["b", "resumed-part1-written"]
+    _run_toy(toy, "--stop-stage", "1")
+    assert _ran(toy)[2:] == ["a"]
+
+
+def test_rerun_is_noop_and_config_change_reruns_downstream(toy: Path) -> None:
+    _run_toy(toy)
+    first = _ran(toy)
+    assert first == ["a", "b", "resumed-part1-written", "c"]
+    r = _run_toy(toy)
+    assert _ran(toy) == first, "a rerun must do nothing"
+    assert r.stdout.count("skip ") == 3
+    _run_toy(toy, "--param", "2")           # stage a's config changes: a, b and c rerun
+    assert _ran(toy)[len(first):] == ["a", "b", "resumed-part1-written", "c"]
+    assert (toy.parent / "work" / "a.old").is_dir(), "the outdated output is kept aside"
+
+
+def test_interrupted_stage_resumes(toy: Path) -> None:
+    r = _run_toy(toy, "--fail-at", "b", check=False)
+    assert r.returncode != 0
+    assert not (toy.parent / "work" / "b" / ".stamp").exists()
+    _run_toy(toy)
+    # The second attempt reuses part1 (no second "resumed-part1-written") and completes b and c.
+    assert _ran(toy) == ["a", "b", "resumed-part1-written", "b", "c"]
+    assert (toy.parent / "work" / "b" / "part2").is_file()
+
+
+LIBRISPEECH_SETS = ["train-clean-100", "dev-clean", "dev-other", "test-clean", "test-other"]
+
+
+def test_librispeech_recipe_stages_1_2_on_fixture(tmp_path: Path) -> None:
+    corpus = tmp_path / "LibriSpeech"
+    for i, subset in enumerate(LIBRISPEECH_SETS):
+        reader = str(100 + i)
+        make_librispeech(corpus, subset, {reader: {"10": ["HELLO WORLD", "THE QUICK BROWN FOX", "IT'S A TEST"]}})
+    speakers = corpus / "SPEAKERS.TXT"
+    speakers.write_text(speakers.read_text() + "".join(
+        f"{100 + i:<5}| F | {s:<16} | 0.05 | Reader {i}\n" for i, s in enumerate(LIBRISPEECH_SETS)))
+    exp = tmp_path / "exp"
+    cmd = [str(ROOT / "recipes" / "librispeech" / "run.sh"), "--corpus-dir", str(corpus), "--exp", str(exp),
+           "--stop-stage", "2", "--nj", "1", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for s in LIBRISPEECH_SETS:
+        rows = [json.loads(line) for line in (exp / "data" / s / "manifest.jsonl").read_text().splitlines()]
+        assert [row["text"] for row in rows] == ["HELLO WORLD", "THE QUICK BROWN FOX", "IT'S A TEST"]
+        index = [json.loads(line) for line in (exp / "feats" / s / "index.jsonl").read_text().splitlines()]
+        assert len(index) == 3 and all(row["num_frames"] > 0 for row in index)
+    assert (exp / "data" / "local" / "lexicon.txt").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert again.returncode == 0
+    assert "run " not in again.stdout, "a rerun must skip every finished step"
+
+
+REQUIRED_KINDS = {"gmm", "member", "member-mean", "ensemble", "distilled"}
+
+
+@pytest.mark.slow
+def test_mini_recipe_smoke(tmp_path: Path) -> None:
+    """The whole mini recipe at smoke size: tens of utterances, 2 members, 1 epoch."""
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "recipes" / "mini" / "conf", conf)
+    (conf / "lm.yaml").write_text("prune_threshold: 1.0e-4\n")   # a small graph
+    (conf / "gmm.yaml").write_text("num_iters: 8\ntotal_gauss: 300\n")
+    (conf / "train.yaml").write_text("arch: small\nepochs: 1\nthreads: 1\n")
+    exp = tmp_path / "exp"
+    cmd = [str(ROOT / "recipes" / "mini" / "run.sh"), "--exp", str(exp), "--conf", str(conf),
+           "--num-utts", "60", "--members", "2", "--ensemble-sizes", "1,2", "--temperatures", "1,2",
+           "--gmm-acwt-grid", "0.1", "--nn-acwt-grid", "0.2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    results = json.loads((exp / "results.json").read_text())
+    sets = ["dev-clean", "test-clean", "test-other"]
+    assert results["sets"] == sets
+    by_name = {s["name"]: s for s in results["systems"]}
+    expected = {"gmm-mono", "member-seed1", "member-seed2", "member-mean", "ensemble-2",
+                "distilled-T1", "distilled-T2"}
+    assert expected <= set(by_name), sorted(by_name)
+    assert {s["kind"] for s in results["systems"]} >= REQUIRED_KINDS
+    for name in expected:
+        row = by_name[name]
+        for s in sets:
+            assert math.isfinite(row["wer"][s]) and row["wer"][s] >= 0, (name, s)
+            assert 0 <= row["frame_acc"][s] <= 100, (name, s)
+    assert by_name["member-seed2"]["seed"] == 2
+    assert by_name["distilled-T2"]["temperature"] == 2 and by_name["distilled-T2"]["hard_weight"] == 0.5
+    mean = by_name["member-mean"]["frame_acc"]["test-clean"]
+    members = [by_name[f"member-seed{i}"]["frame_acc"]["test-clean"] for i in (1, 2)]
+    assert mean == pytest.approx(sum(members) / 2, abs=1e-6)
+    assert "test-clean" in (exp / "RESULTS.md").read_text()
+    assert "member-mean" in r.stdout or "baseline" in r.stdout.lower(), "the table is printed at the end"
