@@ -135,11 +135,16 @@ if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
     run_step "$exp/decode/member-seed$i" "$exp/decode/member-seed1" -- \
       "${dec[@]}" --system "$exp/members/seed$i" --acwt-from "$exp/decode/member-seed1/tune.json"
   done
+  # Ensembles: the largest tunes acwt, the smaller ones (the size curve) reuse it.
+  kmax=$(echo "$ensemble_sizes" | tr , '\n' | sort -n | tail -1)
+  run_step "$exp/decode/ensemble-$kmax" "$exp/ensemble $exp/graph $conf/decode.yaml" -- \
+    "${dec[@]}" --system "$exp/ensemble/post_$kmax" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
   for k in $(echo "$ensemble_sizes" | tr , ' '); do
-    [ "$k" -eq 1 ] && continue   # ensemble-1 is member-seed1
-    run_step "$exp/decode/ensemble-$k" "$exp/ensemble $exp/graph $conf/decode.yaml" -- \
-      "${dec[@]}" --system "$exp/ensemble/post_$k" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
+    { [ "$k" -eq 1 ] || [ "$k" -eq "$kmax" ]; } && continue   # ensemble-1 is member-seed1
+    run_step "$exp/decode/ensemble-$k" "$exp/decode/ensemble-$kmax" -- \
+      "${dec[@]}" --system "$exp/ensemble/post_$k" --acwt-from "$exp/decode/ensemble-$kmax/tune.json"
   done
+  # Students: each temperature calibrates its posteriors differently, so each tunes its own acwt.
   for t in $(echo "$temperatures" | tr , ' '); do
     tn=$(python3 -c "print(f'T{float($t):g}')")
     run_step "$exp/decode/distilled-$tn" "$exp/distill $exp/graph $conf/decode.yaml" -- \

@@ -21,7 +21,7 @@ num_utts=2000                        # corpus size (utterances over all subsets)
 members=10                           # ensemble members (seeds 1..N)
 ensemble_sizes=1,2,3,4,5,6,7,8,9,10  # ensemble-size curve (first k members)
 temperatures=1,2,5,10                # distillation sweep
-soft_targets=online                  # online (teachers in the loop) | cache (top-k files)
+soft_targets=cache                   # cache (top-k files, one teacher pass) | online (teachers in the loop)
 device=cpu
 ngpu=1
 train_overrides=""                   # extra TrainConfig key=value pairs, e.g. "epochs=1" (smoke runs)
