@@ -25,6 +25,7 @@ Decoding parallelises over utterances with a process pool whose workers load the
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import logging
 import math
@@ -277,6 +278,32 @@ def _iter_items(items: Items | Callable[[str], np.ndarray], utt_ids: Sequence[st
         yield from items
 
 
+# Worker pools outlive one call: tuning, every set and every system decoded by one process share
+# them, so each worker loads HCLG once (loading a graph costs more than decoding a small set).
+_POOLS: dict[tuple, ProcessPoolExecutor] = {}
+
+
+def _pool_key(graph_dir: Path, lang_dir: Path, cfg: DecodeConfig, nj: int) -> tuple:
+    d = config_to_dict(cfg)
+    d.pop("acwt")                      # acwt travels with each task
+    return (str(graph_dir), str(lang_dir), tuple(sorted(d.items())), nj)
+
+
+def _shared_pool(graph_dir: Path, lang_dir: Path, cfg: DecodeConfig, nj: int) -> ProcessPoolExecutor:
+    key = _pool_key(graph_dir, lang_dir, cfg, nj)
+    if key not in _POOLS:
+        _POOLS[key] = ProcessPoolExecutor(nj, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                          initargs=(str(graph_dir), str(lang_dir), config_to_dict(cfg)))
+    return _POOLS[key]
+
+
+@atexit.register
+def shutdown_pools() -> None:
+    """Stop the shared decoding workers (also run at interpreter exit)."""
+    while _POOLS:
+        _POOLS.popitem()[1].shutdown(cancel_futures=True)
+
+
 def _run_tasks(graph_dir: Path, lang_dir: Path, cfg: DecodeConfig, tasks: Iterable[tuple], nj: int,
                total: int | None, desc: str) -> Iterator[tuple]:
     """Yield ``(key, utt, DecodeResult, cpu_seconds)`` for each task, in order.
@@ -289,30 +316,32 @@ def _run_tasks(graph_dir: Path, lang_dir: Path, cfg: DecodeConfig, tasks: Iterab
     bar = tqdm(total=total, desc=desc, unit="utt", disable=None, leave=False)
     try:
         if nj <= 1:
-            _worker_init(str(graph_dir), str(lang_dir), config_to_dict(cfg))
+            state = (str(graph_dir), str(lang_dir), config_to_dict(cfg))
+            if _WORKER.get("state") != state:
+                _worker_init(*state)
+                _WORKER["state"] = state
             for t in tasks:
                 yield _worker_decode(t)
                 bar.update(1)
             return
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(nj, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(str(graph_dir), str(lang_dir), config_to_dict(cfg))) as pool:
-            pending: deque = deque()
-            try:
-                for t in tasks:
-                    pending.append(pool.submit(_worker_decode, t))
-                    while len(pending) >= 2 * nj:
-                        yield pending.popleft().result()
-                        bar.update(1)
-                while pending:
+        pool = _shared_pool(graph_dir, lang_dir, cfg, nj)
+        pending: deque = deque()
+        try:
+            for t in tasks:
+                pending.append(pool.submit(_worker_decode, t))
+                while len(pending) >= 2 * nj:
                     yield pending.popleft().result()
                     bar.update(1)
-            except BrokenProcessPool as e:
-                raise DecodeError(f"a decoding worker died (graph {graph_dir}); run with nj=1 to see "
-                                  f"the error: {e}") from None
-            finally:
-                for f in pending:
-                    f.cancel()
+            while pending:
+                yield pending.popleft().result()
+                bar.update(1)
+        except BrokenProcessPool as e:
+            _POOLS.pop(_pool_key(graph_dir, lang_dir, cfg, nj), None)
+            raise DecodeError(f"a decoding worker died (graph {graph_dir}); run with nj=1 to see "
+                              f"the error: {e}") from None
+        finally:
+            for f in pending:
+                f.cancel()
     finally:
         bar.close()
 
@@ -372,7 +401,8 @@ def tune_acwt(
     ``items``: the dev set's ``(utt, loglikes)`` (materialised once, decoded for every grid point).
     Ties go to the smaller acwt, then the smaller penalty. Returns ``{acwt, word_ins_penalty, wer,
     grid: [{acwt, word_ins_penalty, wer, errors, ref_words, partial}], ...}``; the same is written to
-    ``out_path``. Never pass test data here.
+    ``out_path``, and the returned dict also holds ``best_results`` (``{utt: DecodeResult}`` at the
+    chosen point). Never pass test data here.
     """
     from asr.scoring import compute_wer
 
@@ -403,6 +433,8 @@ def tune_acwt(
               "wer": best["wer"], "utts": len(data), "seconds": round(time.time() - t0, 2),
               "config": config_to_dict(cfg), "grid": rows}
     atomic_write_json(out_path, result)
+    best_g = rows.index(best)
+    result["best_results"] = hyps[best_g]   # not in tune.json: lets the caller skip decoding dev again
     log.info("tuned on %d utterances: acwt %.4g (LM weight %.3g), word insertion penalty %.3g, %%WER %.2f -> %s",
              len(data), best["acwt"], 1.0 / best["acwt"], best["word_ins_penalty"], best["wer"], out_path)
     return result

@@ -172,8 +172,11 @@ def _refs(paths: SetPaths, store: FeatureStore) -> dict[str, str]:
 
 def _choose_acwt(system: System, out_dir: Path, cfg: DecodeConfig, tune_paths: SetPaths | None,
                  acwt_from: Path | None, grid: Sequence[float], graph_dir: Path, lang_dir: Path,
-                 log_prior: np.ndarray | None, nj: int) -> DecodeConfig:
+                 log_prior: np.ndarray | None, nj: int) -> tuple[DecodeConfig, dict | None]:
+    """The decoding config with the tuned (or copied) acwt, and the tune set's results at that
+    acwt when tuning just ran (so the tune set need not be decoded again)."""
     tune_file = out_dir / "tune.json"
+    best = None
     if tune_file.is_file():
         t = read_json(tune_file)
     elif acwt_from is not None:
@@ -186,11 +189,13 @@ def _choose_acwt(system: System, out_dir: Path, cfg: DecodeConfig, tune_paths: S
         refs = _refs(tune_paths, scores.store)
         t = tune_acwt(graph_dir, lang_dir, scores.items(scores.store.ids), refs, tune_file,
                       acwts=grid, cfg=cfg, nj=nj)
+        best = t.pop("best_results")
         t["tuned_on"] = tune_paths.name
         atomic_write_json(tune_file, t)
     else:
-        return cfg
-    return dataclasses.replace(cfg, acwt=float(t["acwt"]), word_ins_penalty=float(t.get("word_ins_penalty", 0.0)))
+        return cfg, None
+    cfg = dataclasses.replace(cfg, acwt=float(t["acwt"]), word_ins_penalty=float(t.get("word_ins_penalty", 0.0)))
+    return cfg, best
 
 
 def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph_dir: str | os.PathLike,
@@ -207,8 +212,8 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
     log_prior = None
     if priors is not None:
         log_prior = np.log(np.load(priors, allow_pickle=False).astype(np.float64))
-    cfg = _choose_acwt(system, out_dir, cfg, tune_set, Path(acwt_from) if acwt_from else None,
-                       acwt_grid, graph_dir, lang_dir, log_prior, nj)
+    cfg, tuned = _choose_acwt(system, out_dir, cfg, tune_set, Path(acwt_from) if acwt_from else None,
+                              acwt_grid, graph_dir, lang_dir, log_prior, nj)
     info = dict(system.info, acwt=cfg.acwt, word_ins_penalty=cfg.word_ins_penalty)
     atomic_write_json(out_dir / "system.json", info)
     results = {}
@@ -220,7 +225,10 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
             continue
         scores = _Scores(system, paths, log_prior)
         refs = _refs(paths, scores.store)
-        res = decode_many(graph_dir, lang_dir, scores.loglikes, cfg, nj=nj, utt_ids=scores.store.ids)
+        if tuned is not None and tune_set is not None and paths.name == tune_set.name:
+            res = tuned                 # tuning already decoded this set at the chosen acwt
+        else:
+            res = decode_many(graph_dir, lang_dir, scores.loglikes, cfg, nj=nj, utt_ids=scores.store.ids)
         labels = LabelStore(paths.ali_dir).labels if paths.ali_dir is not None else None
         results[paths.name] = score_decode(
             set_dir, refs, {u: r.text for u, r in res.items()},

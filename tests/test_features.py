@@ -334,5 +334,7 @@ def test_cli(corpus, tmp_path):
     assert rc == 0
     store = FeatureStore(out)
     assert store.dim == 80 and len(list(out.glob("shard-*.npy"))) == 2  # 8 utterances, 5 per shard
+    rc = main(["make-feats", "--manifest", str(corpus), "--out-dir", str(out), "--set", "num_mels=80"])
+    assert rc == 2                                   # a config error, reported without a traceback
     with pytest.raises(KeyError, match="num_mels"):
-        main(["make-feats", "--manifest", str(corpus), "--out-dir", str(out), "--set", "num_mels=80"])
+        main(["-v", "make-feats", "--manifest", str(corpus), "--out-dir", str(out), "--set", "num_mels=80"])

@@ -210,7 +210,9 @@ def test_tune_acwt_writes_choice(setup, tmp_path):
     res = tune_acwt(d / "graph", d / "lang", items, refs, tmp_path / "tune.json",
                     acwts=(0.01, 1.0, 3.0), word_ins_penalties=(0.0, 30.0), cfg=DecodeConfig(beam=20.0))
     saved = json.loads((tmp_path / "tune.json").read_text())
+    best_results = res.pop("best_results")
     assert saved == json.loads(json.dumps(res))
+    assert {u: r.text for u, r in best_results.items()} == refs   # the chosen point decodes correctly
     assert len(saved["grid"]) == 6
     best = min(saved["grid"], key=lambda r: (r["wer"], r["acwt"], r["word_ins_penalty"]))
     assert (saved["acwt"], saved["word_ins_penalty"]) == (best["acwt"], best["word_ins_penalty"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_librispeech
+from conftest import make_librispeech
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ROOT / "recipes" / "common"

@@ -122,34 +122,36 @@ if [ "$stage" -le 7 ] && [ "$stop_stage" -ge 7 ]; then
       --config "$conf/distill.yaml" --device "$device" "${distill_set_opts[@]}" "${posts[@]}"
 fi
 
-# ---- stage 8: decode every system on every dev/test set (acwt tuned on $tune_set)
+# ---- stage 8: decode every system on every dev/test set (acwt tuned on $tune_set, never on test)
+# One `asr decode` call per family of systems, so its decoding workers load HCLG once.
 if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   log "stage 8: decoding"
   dec=("${asr[@]}" decode --exp-dir "$exp" --sets $eval_sets --train-set "$train_set" --nj "$nj" --config "$conf/decode.yaml")
+  steps=$exp/decode/.steps              # stamps and logs of the multi-system steps
   run_step "$exp/decode/gmm-mono" "$exp/gmm_mono $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/gmm_mono" --tune-set "$tune_set" --acwt-grid "$gmm_acwt_grid"
   # Members share one architecture and recipe: member 1 tunes acwt, the others reuse it.
   run_step "$exp/decode/member-seed1" "$exp/members $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/members/seed1" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
-  for i in $(seq 2 "$members"); do
-    run_step "$exp/decode/member-seed$i" "$exp/decode/member-seed1" -- \
-      "${dec[@]}" --system "$exp/members/seed$i" --acwt-from "$exp/decode/member-seed1/tune.json"
-  done
+  if [ "$members" -gt 1 ]; then
+    run_step "$steps/members" "$exp/decode/member-seed1" -- \
+      "${dec[@]}" --system "${member_dirs[@]:1}" --acwt-from "$exp/decode/member-seed1/tune.json"
+  fi
   # Ensembles: the largest tunes acwt, the smaller ones (the size curve) reuse it.
-  kmax=$(echo "$ensemble_sizes" | tr , '\n' | sort -n | tail -1)
+  sizes=$(echo "$ensemble_sizes" | tr , '\n' | sort -n)
+  kmax=$(echo "$sizes" | tail -1)
   run_step "$exp/decode/ensemble-$kmax" "$exp/ensemble $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/ensemble/post_$kmax" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
-  for k in $(echo "$ensemble_sizes" | tr , ' '); do
-    { [ "$k" -eq 1 ] || [ "$k" -eq "$kmax" ]; } && continue   # ensemble-1 is member-seed1
-    run_step "$exp/decode/ensemble-$k" "$exp/decode/ensemble-$kmax" -- \
-      "${dec[@]}" --system "$exp/ensemble/post_$k" --acwt-from "$exp/decode/ensemble-$kmax/tune.json"
-  done
+  smaller=(); for k in $sizes; do [ "$k" -gt 1 ] && [ "$k" -lt "$kmax" ] && smaller+=("$exp/ensemble/post_$k"); done
+  if [ ${#smaller[@]} -gt 0 ]; then
+    run_step "$steps/ensembles" "$exp/decode/ensemble-$kmax" -- \
+      "${dec[@]}" --system "${smaller[@]}" --acwt-from "$exp/decode/ensemble-$kmax/tune.json"
+  fi
   # Students: each temperature calibrates its posteriors differently, so each tunes its own acwt.
-  for t in $(echo "$temperatures" | tr , ' '); do
-    tn=$(python3 -c "print(f'T{float($t):g}')")
-    run_step "$exp/decode/distilled-$tn" "$exp/distill $exp/graph $conf/decode.yaml" -- \
-      "${dec[@]}" --system "$exp/distill/$tn" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
-  done
+  students=(); for t in $(echo "$temperatures" | tr , ' '); do
+    students+=("$exp/distill/$(python3 -c "print(f'T{float($t):g}')")"); done
+  run_step "$steps/distilled" "$exp/distill $exp/graph $conf/decode.yaml" -- \
+    "${dec[@]}" --system "${students[@]}" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
 fi
 
 # ---- stage 9: RESULTS.md, results.json, plots; print the table

@@ -17,7 +17,7 @@ nj=2                                 # parallel jobs (feature extraction, alignm
 exp=exp/mini                         # every output goes under this folder
 conf=recipes/mini/conf
 seed=1                               # corpus seed
-num_utts=2000                        # corpus size (utterances over all subsets)
+num_utts=1600                        # corpus size (utterances over all subsets)
 members=10                           # ensemble members (seeds 1..N)
 ensemble_sizes=1,2,3,4,5,6,7,8,9,10  # ensemble-size curve (first k members)
 temperatures=1,2,5,10                # distillation sweep
@@ -25,8 +25,8 @@ soft_targets=cache                   # cache (top-k files, one teacher pass) | o
 device=cpu
 ngpu=1
 train_overrides=""                   # extra TrainConfig key=value pairs, e.g. "epochs=1" (smoke runs)
-gmm_acwt_grid=0.05,0.08,0.1,0.12
-nn_acwt_grid=0.1,0.15,0.2,0.3
+gmm_acwt_grid=0.06,0.08,0.1
+nn_acwt_grid=0.12,0.16,0.2
 help_message="Usage: $0 [--stage N] [--stop-stage N] [--nj N] [--exp DIR] [--num-utts N] [--members N] ..."
 
 . recipes/common/parse_options.sh
