@@ -43,6 +43,7 @@ import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 import kaldifst
 
 from asr.config import config_hash, load_config, parse_kv, write_config
+from asr.lexicon import PHONES
 from asr.io import atomic_path, atomic_write_json, atomic_write_text, is_done, mark_done, read_json
 
 __all__ = [
@@ -58,12 +59,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The 39 CMU dictionary phones without stress marks.
-CMU_PHONES: tuple[str, ...] = (
-    "AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH",
-    "IH", "IY", "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH",
-    "UW", "V", "W", "Y", "Z", "ZH",
-)
+# The 39 CMU dictionary phones without stress marks (the lexicon step's phone set).
+CMU_PHONES: tuple[str, ...] = PHONES
 
 EPS = "<eps>"
 _RESERVED_WORDS = {EPS, "#0", "<s>", "</s>"}
