@@ -18,7 +18,10 @@ fi
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
+pip_install() {  # quiet, minus the notes pip prints about unreachable extra index folders
+  .venv/bin/pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 # torch 2.14.1 + torchaudio 2.11.0 is the pair known to import together (DESIGN.md section 4).
-.venv/bin/pip install -q --disable-pip-version-check "torch==2.14.1" "torchaudio==2.11.0"
-.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+pip_install "torch==2.14.1" "torchaudio==2.11.0"
+pip_install -e ".[test]"
 echo "set-up done: $(.venv/bin/python -c 'import torch, torchaudio; print("torch", torch.__version__, "torchaudio", torchaudio.__version__)')"
