@@ -442,20 +442,21 @@ class DistillConfig:
     cmvn: str = "speaker"
 
 
-def _train_config_for(teacher_meta: dict, train_cfg: Any | None) -> Any:
-    """The student's TrainConfig: the given one, else the teachers' own (so arch and size match)."""
+def _train_config_for(teacher_meta: dict, train_cfg: Any | None, overrides: dict | None = None) -> Any:
+    """The student's TrainConfig: the given one, else the teachers' own (so arch and size match),
+    with ``overrides`` on top either way."""
+    from asr.config import apply_overrides
     from asr.train import TrainConfig
 
     if train_cfg is not None:
-        return train_cfg
+        return apply_overrides(train_cfg, overrides or {})
     stored = teacher_meta.get("train_config") or teacher_meta.get("config")
     if isinstance(stored, dict):
         names = {f.name for f in dataclasses.fields(TrainConfig)}
-        from asr.config import apply_overrides
-
-        return apply_overrides(TrainConfig(), {k: v for k, v in stored.items() if k in names})
+        base = apply_overrides(TrainConfig(), {k: v for k, v in stored.items() if k in names})
+        return apply_overrides(base, overrides or {})
     log.warning("teacher checkpoints carry no training config; using TrainConfig() defaults")
-    return TrainConfig()
+    return apply_overrides(TrainConfig(), overrides or {})
 
 
 def _check_same_arch(student: StackedModel, teacher_path: Path, teacher: StackedModel) -> None:
@@ -475,6 +476,7 @@ def distill(
     teacher_model_paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     train_cfg: Any | None = None,
+    train_overrides: dict | None = None,
     post_sets: Mapping[str, str | os.PathLike] | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
@@ -506,7 +508,7 @@ def distill(
     out_dir = Path(out_dir)
     teacher_paths = [Path(p) for p in teacher_model_paths]
     teacher_one, teacher_meta = load_model(teacher_paths[0])
-    train_cfg = _train_config_for(teacher_meta, train_cfg)
+    train_cfg = _train_config_for(teacher_meta, train_cfg, train_overrides)
     if device is not None and device != train_cfg.device:
         train_cfg = dataclasses.replace(train_cfg, device=device)
     device = train_cfg.device
@@ -596,11 +598,13 @@ def distill(
 
 
 def _train_cfg_from_args(args: argparse.Namespace) -> Any | None:
-    if args.train_config is None and not args.train_set:
+    """A --train-config file replaces the teachers' config; --train-set overrides apply on top of
+    whichever is used (see ``distill(train_overrides=...)``)."""
+    if args.train_config is None:
         return None
     from asr.train import TrainConfig
 
-    return load_config(TrainConfig, args.train_config, parse_kv(args.train_set))
+    return load_config(TrainConfig, args.train_config)
 
 
 def _cli_distill(args: argparse.Namespace) -> int:
@@ -617,7 +621,7 @@ def _cli_distill(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         post_sets[k] = v
     distill(cfg, args.train_feats, args.train_ali, args.dev_feats, args.dev_ali, args.teachers, args.out_dir,
-            train_cfg=_train_cfg_from_args(args), post_sets=post_sets, cache_dir=args.cache_dir, device=args.device)
+            train_cfg=_train_cfg_from_args(args), train_overrides=parse_kv(args.train_set), post_sets=post_sets, cache_dir=args.cache_dir, device=args.device)
     return 0
 
 

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -39,7 +42,7 @@ __all__ = ["SetPaths", "System", "open_system", "decode_system", "add_cli"]
 log = logging.getLogger(__name__)
 
 
-class SystemError_(ValueError):
+class SystemDirError(ValueError):
     """The system directory is not something ``asr decode`` knows how to score."""
 
 
@@ -112,7 +115,7 @@ def open_system(system_dir: str | os.PathLike, name: str | None = None) -> Syste
                 "members": len(members), "member_dirs": members,
                 "mode": read_json(d / "members.json").get("mode", "arithmetic")}
     else:
-        raise SystemError_(f"{d}: not a system directory (expected final.mdl, model.pt or members.json)")
+        raise SystemDirError(f"{d}: not a system directory (expected final.mdl, model.pt or members.json)")
     return System(info, d)
 
 
@@ -120,7 +123,7 @@ def _post_path(system: System, set_name: str) -> Path:
     base = system.dir if system.kind == "ensemble" else system.dir / "post"
     p = base / f"{set_name}.npy"
     if not p.is_file():
-        raise SystemError_(f"{system.name}: no posteriors for {set_name} ({p}); compute them first")
+        raise SystemDirError(f"{system.name}: no posteriors for {set_name} ({p}); compute them first")
     return p
 
 
@@ -134,17 +137,17 @@ class _Scores:
             from asr.gmm import GmmScorer
 
             if log_prior is None:
-                raise SystemError_("the GMM's frame accuracy needs the training priors (--priors)")
+                raise SystemDirError("the GMM's frame accuracy needs the training priors (--priors)")
             scorer = GmmScorer(system.dir, paths.feats_dir)
             # GMM log-likelihoods are computed once per set and reused for tuning and decoding.
             self._loglikes = {u: scorer.loglikes(u) for u in self.store.ids}
             self.frame_scores = np.concatenate([self._loglikes[u] for u in self.store.ids]) + log_prior
         else:
             if log_prior is None:
-                raise SystemError_(f"{system.name}: hybrid decoding needs the training priors (--priors)")
+                raise SystemDirError(f"{system.name}: hybrid decoding needs the training priors (--priors)")
             post = np.load(_post_path(system, paths.name), mmap_mode="r", allow_pickle=False)
             if post.shape[0] != self.store.num_frames_total:
-                raise SystemError_(f"{system.name}: {paths.name} posteriors have {post.shape[0]} frames, "
+                raise SystemDirError(f"{system.name}: {paths.name} posteriors have {post.shape[0]} frames, "
                                    f"feature dir {paths.feats_dir} has {self.store.num_frames_total}")
             self.frame_scores = post
             self._loglikes = None
@@ -166,7 +169,7 @@ def _refs(paths: SetPaths, store: FeatureStore) -> dict[str, str]:
     texts = {u.id: u.text for u in read_manifest(paths.manifest)}
     missing = [u for u in store.ids if u not in texts]
     if missing:
-        raise SystemError_(f"{paths.feats_dir}: utterances not in {paths.manifest}: {missing[:3]}")
+        raise SystemDirError(f"{paths.feats_dir}: utterances not in {paths.manifest}: {missing[:3]}")
     return {u: texts[u] for u in store.ids}
 
 
@@ -198,6 +201,34 @@ def _choose_acwt(system: System, out_dir: Path, cfg: DecodeConfig, tune_paths: S
     return cfg, best
 
 
+def _input_files(system: System, sets: Sequence[SetPaths]) -> list[Path]:
+    if system.kind == "gmm":
+        return [system.dir / "final.mdl"]
+    return [_post_path(system, p.name) for p in sets]
+
+
+def _fingerprint(system: System, sets: Sequence[SetPaths], graph_dir: Path, cfg: DecodeConfig,
+                 tune_set: SetPaths | None, acwt_from: Path | None, grid: Sequence[float]) -> str:
+    """What the results of ``decode/<name>/`` were made from: when any of it changes (a retrained
+    model, new posteriors, another graph, another acwt source), earlier results are stale."""
+    files = _input_files(system, sets) + [graph_dir / "HCLG.fst"] + ([acwt_from] if acwt_from else [])
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    blob = json.dumps([system.info, stats, config_to_dict(cfg), tune_set.name if tune_set else None,
+                       list(grid), [p.name for p in sets]], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _clear_if_stale(out_dir: Path, fingerprint: str) -> None:
+    stamp = out_dir / "inputs.sha1"
+    if stamp.is_file() and stamp.read_text().strip() != fingerprint:
+        log.info("%s: inputs changed since it was scored; decoding again", out_dir)
+        for p in out_dir.iterdir():
+            if p.name != "log":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint + "\n")
+
+
 def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph_dir: str | os.PathLike,
                   lang_dir: str | os.PathLike, out_root: str | os.PathLike, cfg: DecodeConfig = DecodeConfig(),
                   priors: str | os.PathLike | None = None, tune_set: SetPaths | None = None,
@@ -208,11 +239,12 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
     system = open_system(system_dir, name)
     graph_dir, lang_dir = Path(graph_dir), Path(lang_dir)
     out_dir = Path(out_root) / system.name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    acwt_from = Path(acwt_from) if acwt_from else None
+    _clear_if_stale(out_dir, _fingerprint(system, sets, graph_dir, cfg, tune_set, acwt_from, acwt_grid))
     log_prior = None
     if priors is not None:
         log_prior = np.log(np.load(priors, allow_pickle=False).astype(np.float64))
-    cfg, tuned = _choose_acwt(system, out_dir, cfg, tune_set, Path(acwt_from) if acwt_from else None,
+    cfg, tuned = _choose_acwt(system, out_dir, cfg, tune_set, acwt_from,
                               acwt_grid, graph_dir, lang_dir, log_prior, nj)
     info = dict(system.info, acwt=cfg.acwt, word_ins_penalty=cfg.word_ins_penalty)
     atomic_write_json(out_dir / "system.json", info)

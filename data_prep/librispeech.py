@@ -549,9 +549,27 @@ def _cli_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def combine_manifests(out_dir: str | os.PathLike, name: str, parts: Sequence[str]) -> Path:
+    """Write ``out_dir/<name>/manifest.jsonl``, the union of the parts' manifests (e.g. the 460 h
+    set ``train-clean-100+train-clean-360``), so later stages see one training set."""
+    from asr.manifest import read_manifest, write_manifest
+
+    out = Path(out_dir) / name
+    utts = [u for part in parts for u in read_manifest(Path(out_dir) / part / "manifest.jsonl")]
+    write_manifest(out / "manifest.jsonl", utts)
+    mark_done(out, {"parts": list(parts), "num_utts": len(utts)})
+    log.info("%s: %d utterances from %s", out, len(utts), ", ".join(parts))
+    return out
+
+
 def _cli_prepare(args: argparse.Namespace) -> int:
-    prepare_librispeech(args.corpus_dir, _split(args.subsets) or None, args.out_dir, nj=args.nj,
-                        skip_bad=args.skip_bad)
+    requested = _split(args.subsets)
+    # "a+b" asks for the union of subsets a and b as one set.
+    parts = list(dict.fromkeys(p for s in requested for p in s.split("+")))
+    prepare_librispeech(args.corpus_dir, parts or None, args.out_dir, nj=args.nj, skip_bad=args.skip_bad)
+    for s in requested:
+        if "+" in s:
+            combine_manifests(args.out_dir, s, s.split("+"))
     return 0
 
 
@@ -570,7 +588,8 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("prepare-librispeech", help="manifests of a LibriSpeech-layout corpus",
                               description="Write OUT_DIR/<subset>/manifest.jsonl for each subset.")
     p.add_argument("--corpus-dir", required=True, help="the LibriSpeech folder (or the one holding it)")
-    p.add_argument("--subsets", default="", help="comma-separated subsets (default: all found)")
+    p.add_argument("--subsets", default="",
+                   help="comma-separated subsets (default: all found); a+b is the union of a and b as one set")
     p.add_argument("--out-dir", required=True, help="e.g. exp/librispeech/data")
     p.add_argument("--nj", type=int, default=1, help="processes for decoding the audio")
     p.add_argument("--skip-bad", action="store_true", help="list bad inputs in bad_utts.txt and go on")

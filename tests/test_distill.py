@@ -352,3 +352,11 @@ def test_soft_targets_cli(tiny_setup, capsys):
     c = read_topk(out / "topk_T5.npz")
     assert (c.k, c.temperature, c.num_frames) == (4, 5.0, sets["train"].num_frames)
     assert "dense fp16 would be" in capsys.readouterr().out
+
+
+def test_student_config_overrides_apply_on_top_of_the_teachers():
+    """--train-set overrides must not reset the student to TrainConfig() defaults (another arch)."""
+    from asr.distill import _train_config_for
+
+    cfg = _train_config_for({"train_config": {"arch": "medium", "epochs": 7, "lr": 0.01}}, None, {"epochs": "1"})
+    assert (cfg.arch, cfg.epochs, cfg.lr) == ("medium", 1, 0.01)

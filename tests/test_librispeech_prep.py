@@ -290,3 +290,21 @@ def test_download_librispeech_unpacks_and_prepares(tmp_path):
     assert find_subsets(target) == ["dev-clean"]
     utts = read_manifest(prepare_librispeech(target, None, tmp_path / "data")["dev-clean"])
     assert len(utts) == 6
+
+
+def test_combined_training_set(tmp_path):
+    """`--subsets a+b` prepares both subsets and writes their union as one set (460 h / 960 h)."""
+    from asr.cli import main
+    from asr.manifest import read_manifest
+
+    corpus = tmp_path / "LibriSpeech"
+    make_librispeech(corpus, "train-clean-100", {"19": {"198": ["HELLO WORLD", "ONE TWO"]}})
+    make_librispeech(corpus, "train-clean-360", {"26": {"495": ["THREE FOUR"]}})
+    out = tmp_path / "data"
+    rc = main(["prepare-librispeech", "--corpus-dir", str(corpus), "--out-dir", str(out),
+               "--subsets", "train-clean-100+train-clean-360"])
+    assert rc == 0
+    both = read_manifest(out / "train-clean-100+train-clean-360" / "manifest.jsonl")
+    parts = read_manifest(out / "train-clean-100" / "manifest.jsonl") + \
+        read_manifest(out / "train-clean-360" / "manifest.jsonl")
+    assert sorted(u.id for u in both) == sorted(u.id for u in parts) and len(both) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 
 import numpy as np
@@ -82,6 +83,9 @@ def _fabricate(exp, systems=SYSTEMS, seed=0) -> dict:
 def report(tmp_path_factory):
     exp = tmp_path_factory.mktemp("exp") / "mini"
     expected = _fabricate(exp)
+    # What a recipe leaves beside the systems: an outdated copy kept by a rebuild, and step stamps.
+    shutil.copytree(exp / "decode" / "member-seed1", exp / "decode" / "member-seed1.old")
+    (exp / "decode" / ".steps" / "members" / "log").mkdir(parents=True)
     md, js = build_report(exp, "mini", SETS, bootstrap_samples=300)
     return exp, expected, md, json.loads(js.read_text())
 

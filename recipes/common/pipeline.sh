@@ -86,7 +86,7 @@ if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   for s in $eval_sets; do
     models=(); outs=()
     for i in $(seq 1 "$members"); do models+=("$exp/members/seed$i/model.pt"); outs+=("$exp/members/seed$i/post/$s.npy"); done
-    run_step "$exp/members/post_$s" "$exp/members" -- \
+    run_step "$exp/members/post_$s" "$exp/members $exp/feats/$s" -- \
       "${asr[@]}" posteriors --model "${models[@]}" --feats-dir "$exp/feats/$s" --out "${outs[@]}" --device "$device"
   done
 fi
