@@ -161,7 +161,6 @@ class TrainConfig:
                 raise ValueError(msg)
 
 
-# (Optional[...] rather than ``int | None``: asr.config coerces typing.Union but not types.UnionType.)
 # Fields that do not change what a run computes (on one device): excluded from its identity.
 RUNTIME_FIELDS = ("device", "threads", "checkpoint_every_steps", "max_steps", "eval_batch_size",
                   "tensorboard", "progress", "keep_train_state", "members", "first_seed", "parallel")
