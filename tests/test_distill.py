@@ -339,7 +339,9 @@ def test_distill_cli_parses(tiny_setup, monkeypatch):
         "--soft-targets", "cache", "--post", "test=feats/test", "--train-set", "epochs=1"])
     assert args.func(args) == 0
     assert seen["cfg"].temperatures == (2.0, 5.0) and seen["cfg"].soft_targets == "cache"
-    assert seen["kw"]["post_sets"] == {"test": "feats/test"} and seen["kw"]["train_cfg"].epochs == 1
+    assert seen["kw"]["post_sets"] == {"test": "feats/test"}
+    # --train-set overrides go on top of the teachers' own config (no --train-config file given)
+    assert seen["kw"]["train_cfg"] is None and seen["kw"]["train_overrides"] == {"epochs": "1"}
 
 
 def test_soft_targets_cli(tiny_setup, capsys):
