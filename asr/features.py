@@ -32,7 +32,7 @@ import numpy as np
 
 from asr.audio import AudioError, read_audio
 from asr.config import config_hash, load_config, parse_kv, write_config
-from asr.io import (atomic_path, atomic_save_npy, atomic_write_json, atomic_write_text, is_done, mark_done,
+from asr.io import (atomic_path, file_sha1, atomic_save_npy, atomic_write_json, atomic_write_text, is_done, mark_done,
                     read_json, read_jsonl, write_jsonl)
 from asr.manifest import ManifestError, Utterance, read_manifest
 
@@ -160,14 +160,6 @@ def _chunk_digest(utts: list[Utterance], cfg_hash: str) -> str:
     return hashlib.sha1(blob).hexdigest()
 
 
-def _file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 _Result = tuple[str, "np.ndarray | None", "str | None"]  # (utt id, float16 feats, problem)
 
 
@@ -239,7 +231,7 @@ def make_features(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, 
         raise ManifestError(f"{manifest_path}: duplicate utterance ids {dups[:5]}")
 
     cfg_hash = config_hash(cfg)
-    manifest_sha1 = _file_sha1(manifest_path)
+    manifest_sha1 = file_sha1(manifest_path)
     if is_done(out_dir):
         info = read_json(out_dir / ".done")
         if info.get("config_hash") == cfg_hash and info.get("manifest_sha1") == manifest_sha1:

@@ -51,7 +51,7 @@ import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 import kaldifst
 
 from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
-from asr.io import atomic_path, atomic_write_text, is_done, mark_done, read_json
+from asr.io import file_sha1, atomic_path, atomic_write_text, is_done, mark_done, read_json
 from asr.labels import write_labels
 from asr.lang import Lang, load_lang
 from asr.manifest import read_manifest
@@ -711,13 +711,6 @@ def _run_pass(runner: _Runner, mode: str, model_path: Path, utts: list[str], cfg
 # Training and alignment
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
 
 def _transcripts(manifest_path: Path, source: _FeatureSource, lang: Lang) -> tuple[dict[str, list[int]], dict[str, str], dict]:
     """Word ids of every utterance with features; utterances that cannot be used, with the reason."""
@@ -790,7 +783,7 @@ def train_mono(
     lang = load_lang(lang_dir)
     if nj < 1:
         raise ValueError(f"nj must be >= 1, got {nj}")
-    stamp = _done_stamp(config_hash(cfg), _sha1(manifest_path), _feats_stamp(feats_dir),
+    stamp = _done_stamp(config_hash(cfg), file_sha1(manifest_path), _feats_stamp(feats_dir),
                         read_json(lang_dir / ".done"), str(ali_dir.resolve()))
     if is_done(out_dir) and read_json(out_dir / ".done").get("stamp") == stamp["stamp"] and is_done(ali_dir):
         log.info("%s is up to date; skipping", out_dir)
@@ -897,7 +890,7 @@ def align(
     lang = load_lang(lang_dir)
     if lang.num_pdfs != model.num_pdfs:
         raise GmmError(f"model {model_file} has {model.num_pdfs} pdfs, lang {lang_dir} has {lang.num_pdfs}")
-    stamp = _done_stamp(config_hash(cfg), _sha1(model_file), _sha1(manifest_path), _feats_stamp(feats_dir),
+    stamp = _done_stamp(config_hash(cfg), file_sha1(model_file), file_sha1(manifest_path), _feats_stamp(feats_dir),
                         read_json(lang_dir / ".done"), train_labels)
     if is_done(out_dir) and read_json(out_dir / ".done").get("stamp") == stamp["stamp"]:
         log.info("%s is up to date; skipping", out_dir)

@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
-from asr.io import atomic_path, atomic_write_json, is_done, mark_done, read_json
+from asr.io import file_sha1, atomic_path, atomic_write_json, is_done, mark_done, read_json
 
 __all__ = ["GraphConfig", "GraphError", "make_graph", "run_child", "fst_stats", "add_cli"]
 
@@ -255,13 +254,6 @@ def _child_main(argv: list[str]) -> int:
 # make_graph
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
-
 
 def make_graph(
     lang_dir: str | os.PathLike,
@@ -293,8 +285,8 @@ def make_graph(
         ts = ts / "final.mdl"
     stamp = {
         "config_hash": config_hash(cfg),
-        "inputs": {p.name: _sha1(p) for p in inputs},
-        "transition_log_probs": _sha1(ts) if ts is not None else None,
+        "inputs": {p.name: file_sha1(p) for p in inputs},
+        "transition_log_probs": file_sha1(ts) if ts is not None else None,
     }
     if is_done(out_dir) and read_json(out_dir / ".done") == stamp:
         log.info("graph %s is up to date; skipping", out_dir)

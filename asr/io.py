@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "read_json",
     "mark_done",
     "is_done",
+    "file_sha1",
 ]
 
 
@@ -117,3 +119,12 @@ def mark_done(directory: str | os.PathLike, info: dict | None = None) -> None:
 
 def is_done(directory: str | os.PathLike) -> bool:
     return (Path(directory) / ".done").is_file()
+
+
+def file_sha1(path: str | os.PathLike, length: int = 16) -> str:
+    """Shortened SHA-1 of a file's bytes: how a stage notices that an input file changed."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]

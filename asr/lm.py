@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import logging
 import os
 import shutil
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
-from asr.io import atomic_path, atomic_write_json, is_done, mark_done, read_json
+from asr.io import file_sha1, atomic_path, atomic_write_json, is_done, mark_done, read_json
 from asr.manifest import read_manifest
 
 __all__ = ["LmConfig", "LmError", "ArpaLm", "train_lm", "make_g", "read_arpa", "perplexity",
@@ -295,13 +294,6 @@ def _read_words_txt(lang_dir: Path) -> set[str]:
         return {line.split()[0] for line in f if line.strip()}
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
-
 
 def make_g(arpa: str | os.PathLike, lang_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """``G.fst`` from an ARPA file with the lang directory's ``words.txt`` (``#0`` on backoff arcs).
@@ -365,10 +357,10 @@ def train_lm(
         raise LmError(f"{words_txt} does not exist (run prepare-lang first)")
     stamp = {
         "config_hash": config_hash(cfg),
-        "text_sha1": _sha1(text) if text is not None else None,
-        "arpa_sha1": _sha1(arpa_src) if arpa_src is not None else None,
-        "words_sha1": _sha1(words_txt),
-        "eval": {k: _sha1(v) for k, v in sorted(eval_manifests.items())},
+        "text_sha1": file_sha1(text) if text is not None else None,
+        "arpa_sha1": file_sha1(arpa_src) if arpa_src is not None else None,
+        "words_sha1": file_sha1(words_txt),
+        "eval": {k: file_sha1(v) for k, v in sorted(eval_manifests.items())},
     }
     if is_done(out_dir) and read_json(out_dir / ".done") == stamp:
         log.info("LM %s is up to date; skipping", out_dir)
