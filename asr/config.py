@@ -131,6 +131,12 @@ def add_config_args(parser: "argparse.ArgumentParser") -> None:
                         metavar="KEY=VALUE", help="config override(s), applied after --config")
 
 
-def config_from_args(cls: type[C], args: "argparse.Namespace") -> C:
-    """Resolve a step's config from the options added by :func:`add_config_args`."""
-    return load_config(cls, args.config, parse_kv(args.overrides))
+def config_from_args(cls: type[C], args: "argparse.Namespace", **flags: Any) -> C:
+    """Resolve a step's config from the options added by :func:`add_config_args`.
+
+    ``flags`` are config fields that the command also offers as options of their own (``--seed``,
+    ``--device``, ...); those given (not None) win over ``--set``.
+    """
+    overrides: dict[str, Any] = parse_kv(args.overrides)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(cls, args.config, overrides)

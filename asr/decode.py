@@ -44,7 +44,7 @@ import numpy as np
 import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 import kaldifst
 
-from asr.config import config_to_dict, load_config, parse_kv
+from asr.config import add_config_args, config_from_args, config_to_dict
 from asr.io import atomic_write_json, atomic_write_text, is_done
 
 __all__ = [
@@ -452,16 +452,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--loglikes", required=True, help=".npz: one (frames, pdfs) array per utterance id")
     p.add_argument("--out", required=True, help="output hypothesis file (<utt> words)")
     p.add_argument("--nj", type=int, default=1)
-    p.add_argument("--config", default=None, help="YAML file with DecodeConfig overrides")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override one DecodeConfig field")
+    add_config_args(p)
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
     from asr.scoring import write_hyps
 
-    cfg = load_config(DecodeConfig, args.config, parse_kv(args.overrides))
+    cfg = config_from_args(DecodeConfig, args)
     with np.load(args.loglikes, allow_pickle=False) as z:
         ids = sorted(z.files)
         res = decode_many(args.graph_dir, args.lang_dir, lambda u: z[u], cfg, args.nj, utt_ids=ids)

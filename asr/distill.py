@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from asr.config import config_hash, load_config, parse_kv, write_config
+from asr.config import add_config_args, config_from_args, config_hash, load_config, parse_kv, write_config
 from asr.io import atomic_path, atomic_write_json, is_done, mark_done, read_json
 from asr.models import StackedModel, load_model, load_stack
 
@@ -608,12 +608,8 @@ def _train_cfg_from_args(args: argparse.Namespace) -> Any | None:
 
 
 def _cli_distill(args: argparse.Namespace) -> int:
-    overrides = parse_kv(args.set)
-    for key in ("temperatures", "hard_weight", "soft_targets", "seed"):
-        v = getattr(args, key)
-        if v is not None:
-            overrides[key] = v
-    cfg = load_config(DistillConfig, args.config, overrides)
+    cfg = config_from_args(DistillConfig, args, temperatures=args.temperatures, hard_weight=args.hard_weight,
+                           soft_targets=args.soft_targets, seed=args.seed)
     post_sets = {}
     for item in args.post or []:
         if "=" not in item:
@@ -626,12 +622,7 @@ def _cli_distill(args: argparse.Namespace) -> int:
 
 
 def _cli_soft_targets(args: argparse.Namespace) -> int:
-    overrides = parse_kv(args.set)
-    if args.temperatures is not None:
-        overrides["temperatures"] = args.temperatures
-    if args.k is not None:
-        overrides["k"] = args.k
-    cfg = load_config(SoftTargetConfig, args.config, overrides)
+    cfg = config_from_args(SoftTargetConfig, args, temperatures=args.temperatures, k=args.k)
     paths = write_soft_target_caches(args.teachers, args.feats, args.out_dir, cfg, device=args.device)
     info = read_json(Path(args.out_dir) / "info.json")
     for p in paths:
@@ -664,8 +655,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--soft-targets", dest="soft_targets", choices=("online", "cache"), default=None)
     p.add_argument("--seed", type=int, default=None, help="student seed")
     p.add_argument("--cache-dir", default=None, help="cache mode: where the top-k caches live")
-    p.add_argument("--config", default=None, help="YAML with DistillConfig overrides")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="DistillConfig override")
+    add_config_args(p)
     p.add_argument("--train-config", default=None,
                    help="YAML with TrainConfig overrides (default: the teachers' stored training config)")
     p.add_argument("--train-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="TrainConfig override")
@@ -684,7 +674,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--out-dir", required=True)
     q.add_argument("--temperatures", default=None)
     q.add_argument("--k", type=int, default=None)
-    q.add_argument("--config", default=None, help="YAML with SoftTargetConfig overrides")
-    q.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    add_config_args(q)
     q.add_argument("--device", default="cpu")
     q.set_defaults(func=_cli_soft_targets)

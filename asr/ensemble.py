@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
+from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
 from asr.io import atomic_path, atomic_write_json, is_done, mark_done, read_json
 
 __all__ = [
@@ -199,12 +199,7 @@ def write_ensemble(
 
 
 def _cli(args: argparse.Namespace) -> int:
-    overrides = parse_kv(args.set)
-    if args.mode is not None:
-        overrides["mode"] = args.mode
-    if args.sizes is not None:
-        overrides["sizes"] = args.sizes
-    cfg = load_config(EnsembleConfig, args.config, overrides)
+    cfg = config_from_args(EnsembleConfig, args, mode=args.mode, sizes=args.sizes)
     write_ensemble(args.members, args.sets, args.out_dir, cfg=cfg)
     return 0
 
@@ -222,6 +217,5 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--sizes", default=None, help="comma-separated ensemble sizes (default: all members)")
     p.add_argument("--mode", choices=MODES, default=None, help="arithmetic (default) or geometric mean")
-    p.add_argument("--config", default=None, help="YAML file with EnsembleConfig overrides")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config override")
+    add_config_args(p)
     p.set_defaults(func=_cli)

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from asr.audio import AudioError, read_audio
-from asr.config import config_hash, load_config, parse_kv, write_config
+from asr.config import add_config_args, config_from_args, config_hash, write_config
 from asr.io import (atomic_path, file_sha1, atomic_save_npy, atomic_write_json, atomic_write_text, is_done, mark_done,
                     read_json, read_jsonl, write_jsonl)
 from asr.manifest import ManifestError, Utterance, read_manifest
@@ -519,8 +519,7 @@ def _mean_inv_std(count, total, sumsq) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    overrides = parse_kv(args.set)
-    cfg = load_config(FeatureConfig, args.config, overrides)
+    cfg = config_from_args(FeatureConfig, args)
     make_features(args.manifest, args.out_dir, cfg, nj=args.nj, skip_bad=args.skip_bad)
     return 0
 
@@ -532,9 +531,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                                    "--out-dir feats/train --nj 2 --set num_mel_bins=80")
     p.add_argument("--manifest", required=True, type=Path, help="data/<set>/manifest.jsonl")
     p.add_argument("--out-dir", required=True, type=Path, help="feats/<set>")
-    p.add_argument("--config", type=Path, default=None, help="YAML file with FeatureConfig overrides")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="FeatureConfig overrides, applied after --config")
+    add_config_args(p)
     p.add_argument("--nj", type=int, default=1, help="worker processes")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave unreadable audio out (listed in <out-dir>/bad_utts.txt) instead of stopping")

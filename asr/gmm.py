@@ -50,7 +50,8 @@ import numpy as np
 import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 import kaldifst
 
-from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
+from asr.config import (add_config_args, config_from_args, config_hash, config_to_dict, load_config, parse_kv,
+                        write_config)
 from asr.io import file_sha1, atomic_path, atomic_write_text, is_done, mark_done, read_json
 from asr.labels import write_labels
 from asr.lang import Lang, load_lang
@@ -952,9 +953,7 @@ def align(
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML file with GmmConfig overrides")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override one GmmConfig field (repeatable)")
+    add_config_args(p)
     p.add_argument("--nj", type=int, default=1, help="worker processes")
 
 
@@ -980,7 +979,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli_train(args: argparse.Namespace) -> int:
-    cfg = load_config(GmmConfig, args.config, parse_kv(args.overrides))
+    cfg = config_from_args(GmmConfig, args)
     train_mono(args.feats_dir, args.manifest, args.lang_dir, args.out_dir, cfg, nj=args.nj, ali_dir=args.ali_dir)
     return 0
 
@@ -989,7 +988,7 @@ def _cli_align(args: argparse.Namespace) -> int:
     cfg = None
     if args.config or args.overrides:
         base = _model_config(GmmModel.load(_model_path(args.model_dir)))
-        cfg = load_config(GmmConfig, args.config, parse_kv(args.overrides))
+        cfg = config_from_args(GmmConfig, args)
         cfg = dataclasses.replace(cfg, **{f: getattr(base, f) for f in _FEATURE_FIELDS
                                           if f not in parse_kv(args.overrides)})
     align(args.model_dir, args.lang_dir, args.feats_dir, args.manifest, args.out_dir, nj=args.nj,

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
+from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
 from asr.io import file_sha1, atomic_path, atomic_write_json, is_done, mark_done, read_json
 
 __all__ = ["GraphConfig", "GraphError", "make_graph", "run_child", "fst_stats", "add_cli"]
@@ -323,14 +323,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", required=True, help="output graph directory")
     p.add_argument("--transition-model", default=None,
                    help="trained transition probabilities: a GMM model (final.mdl or its dir) or a .npy")
-    p.add_argument("--config", default=None, help="YAML file with GraphConfig overrides")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override one GraphConfig field")
+    add_config_args(p)
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
-    cfg = load_config(GraphConfig, args.config, parse_kv(args.overrides))
+    cfg = config_from_args(GraphConfig, args)
     make_graph(args.lang_dir, args.lm_dir, args.out_dir, cfg, transition_log_probs=args.transition_model)
     return 0
 

@@ -42,7 +42,7 @@ import numpy as np
 import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 import kaldifst
 
-from asr.config import config_hash, load_config, parse_kv, write_config
+from asr.config import add_config_args, config_from_args, config_hash, write_config
 from asr.lexicon import PHONES
 from asr.io import atomic_path, atomic_write_json, atomic_write_text, is_done, mark_done, read_json
 
@@ -536,13 +536,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", required=True, help="output lang directory")
     p.add_argument("--vocab", action="append", default=None,
                    help="text file whose tokens form the vocabulary (repeatable)")
-    p.add_argument("--config", default=None, help="YAML file with LangConfig overrides")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override one LangConfig field")
+    add_config_args(p)
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
-    cfg = load_config(LangConfig, args.config, parse_kv(args.overrides))
+    cfg = config_from_args(LangConfig, args)
     prepare_lang(args.lexicon, args.out_dir, cfg, vocabulary=args.vocab)
     return 0

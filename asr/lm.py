@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
+from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
 from asr.io import file_sha1, atomic_path, atomic_write_json, is_done, mark_done, read_json
 from asr.manifest import read_manifest
 
@@ -445,13 +445,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", required=True, help="output LM directory")
     p.add_argument("--eval", action="append", default=[], metavar="NAME=MANIFEST",
                    help="evaluation set for perplexity / OOV and the overlap check (repeatable)")
-    p.add_argument("--config", default=None, help="YAML file with LmConfig overrides")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override one LmConfig field")
+    add_config_args(p)
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
-    cfg = load_config(LmConfig, args.config, parse_kv(args.overrides))
+    cfg = config_from_args(LmConfig, args)
     train_lm(args.text, args.lang_dir, args.out_dir, cfg, _parse_eval(args.eval), arpa=args.arpa)
     return 0

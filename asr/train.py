@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
+from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
 from asr.frames import (FrameBatch, FrameData, iterate_batches, iterate_chunks, num_batches,
                         num_chunk_batches)
 from asr.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, is_done, mark_done, \
@@ -816,14 +816,8 @@ def train_members(cfg: TrainConfig, feats_dir: str | os.PathLike, ali_dir: str |
 
 
 def _cli_train(args: argparse.Namespace) -> int:
-    overrides = parse_kv(args.set)
-    if args.members is not None:
-        overrides["members"] = args.members
-    if args.first_seed is not None:
-        overrides["first_seed"] = args.first_seed
-    if args.device is not None:
-        overrides["device"] = args.device
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = config_from_args(TrainConfig, args, members=args.members, first_seed=args.first_seed,
+                           device=args.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     train_members(cfg, args.feats_dir, args.ali_dir, args.dev_feats_dir, args.dev_ali_dir, args.out_dir,
@@ -858,8 +852,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--members", type=int, default=None, help="number of members (seeds first_seed..)")
     p.add_argument("--first-seed", type=int, default=None)
-    p.add_argument("--config", default=None, help="YAML file of TrainConfig overrides")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="override a config field")
+    add_config_args(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--batched", dest="sequential", action="store_false", default=False,
