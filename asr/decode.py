@@ -390,19 +390,23 @@ def tune_acwt(
     lang_dir: str | os.PathLike,
     items: Items,
     refs: Mapping[str, str],
-    out_path: str | os.PathLike,
+    out_path: str | os.PathLike | None,
     acwts: Sequence[float] = (0.05, 0.075, 0.1, 0.15, 0.2),
     word_ins_penalties: Sequence[float] = (0.0,),
     cfg: DecodeConfig = DecodeConfig(),
     nj: int = 1,
+    widen: bool = False,
+    max_widen: int = 4,
 ) -> dict:
     """Grid search of acwt (and word insertion penalty) on a *dev* set; writes ``tune.json``.
 
     ``items``: the dev set's ``(utt, loglikes)`` (materialised once, decoded for every grid point).
     Ties go to the smaller acwt, then the smaller penalty. Returns ``{acwt, word_ins_penalty, wer,
     grid: [{acwt, word_ins_penalty, wer, errors, ref_words, partial}], ...}``; the same is written to
-    ``out_path``, and the returned dict also holds ``best_results`` (``{utt: DecodeResult}`` at the
-    chosen point). Never pass test data here.
+    ``out_path`` (unless None), and the returned dict also holds ``best_results`` (``{utt:
+    DecodeResult}`` at the chosen point). ``widen``: while the best acwt sits at an edge of the
+    grid, one more point beyond that edge is tried (the grid's outer ratio; at most ``max_widen``
+    times), so a grid that was too narrow cannot hide the optimum. Never pass test data here.
     """
     from asr.scoring import compute_wer
 
@@ -413,26 +417,48 @@ def tune_acwt(
     missing = [u for u in ids if u not in refs]
     if missing:
         raise DecodeError(f"tune_acwt: no reference for {len(missing)} utterance(s), e.g. {missing[:3]}")
-    grid = [(a, w) for w in word_ins_penalties for a in acwts]
-    tasks = ((g, u, ll, a, w) for g, (a, w) in enumerate(grid) for u, ll in data)
-    hyps: dict[int, dict[str, DecodeResult]] = {g: {} for g in range(len(grid))}
-    t0 = time.time()
-    for g, utt, res, _ in _run_tasks(Path(graph_dir), Path(lang_dir), cfg, tasks, nj,
-                                     len(grid) * len(data), "tune"):
-        hyps[g][utt] = res
     sub_refs = {u: refs[u] for u in ids}
-    rows = []
-    for g, (a, w) in enumerate(grid):
-        r = compute_wer(sub_refs, {u: res.text for u, res in hyps[g].items()})
-        rows.append({"acwt": a, "word_ins_penalty": w, "wer": r["wer"], "errors": r["errors"],
-                     "ins": r["ins"], "del": r["del"], "sub": r["sub"], "ref_words": r["ref_words"],
-                     "partial": sum(not res.reached_final for res in hyps[g].values())})
-        log.info("acwt %.4g wip %.3g: %%WER %.2f", a, w, r["wer"])
-    best = min(rows, key=lambda r: (r["wer"], r["acwt"], r["word_ins_penalty"]))
+    grid: list[tuple[float, float]] = []
+    hyps: dict[int, dict[str, DecodeResult]] = {}
+    rows: list[dict] = []
+    t0 = time.time()
+
+    def run(points: list[tuple[float, float]]) -> None:
+        first = len(grid)
+        grid.extend(points)
+        tasks = ((first + g, u, ll, a, w) for g, (a, w) in enumerate(points) for u, ll in data)
+        for g in range(first, len(grid)):
+            hyps[g] = {}
+        for g, utt, res, _ in _run_tasks(Path(graph_dir), Path(lang_dir), cfg, tasks, nj,
+                                         len(points) * len(data), "tune"):
+            hyps[g][utt] = res
+        for g in range(first, len(grid)):
+            a, w = grid[g]
+            r = compute_wer(sub_refs, {u: res.text for u, res in hyps[g].items()})
+            rows.append({"acwt": a, "word_ins_penalty": w, "wer": r["wer"], "errors": r["errors"],
+                         "ins": r["ins"], "del": r["del"], "sub": r["sub"], "ref_words": r["ref_words"],
+                         "partial": sum(not res.reached_final for res in hyps[g].values())})
+            log.info("acwt %.4g wip %.3g: %%WER %.2f", a, w, r["wer"])
+
+    def best_row() -> dict:
+        return min(rows, key=lambda r: (r["wer"], r["acwt"], r["word_ins_penalty"]))
+
+    run([(a, w) for w in word_ins_penalties for a in acwts])
+    for _ in range(max_widen if widen and len(acwts) > 1 else 0):
+        xs = sorted({a for a, _ in grid})
+        b = best_row()
+        if xs[0] < b["acwt"] < xs[-1]:
+            break
+        low = b["acwt"] <= xs[0]
+        a = xs[0] * xs[0] / xs[1] if low else xs[-1] * xs[-1] / xs[-2]
+        log.info("best acwt %.4g is at the grid's %s edge: trying %.4g", b["acwt"], "lower" if low else "upper", a)
+        run([(round(a, 6), b["word_ins_penalty"])])
+    best = best_row()
     result = {"acwt": best["acwt"], "word_ins_penalty": best["word_ins_penalty"], "lm_weight": 1.0 / best["acwt"],
               "wer": best["wer"], "utts": len(data), "seconds": round(time.time() - t0, 2),
               "config": config_to_dict(cfg), "grid": rows}
-    atomic_write_json(out_path, result)
+    if out_path is not None:
+        atomic_write_json(out_path, result)
     best_g = rows.index(best)
     result["best_results"] = hyps[best_g]   # not in tune.json: lets the caller skip decoding dev again
     log.info("tuned on %d utterances: acwt %.4g (LM weight %.3g), word insertion penalty %.3g, %%WER %.2f -> %s",

@@ -33,7 +33,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from asr.config import add_config_args, config_from_args, config_hash, load_config, parse_kv, write_config
 from asr.io import atomic_path, atomic_write_json, is_done, mark_done, read_json
+from asr.augment import AugmentConfig
 from asr.models import StackedModel, load_model, load_stack
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,11 +97,35 @@ def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.float() / temperature, dim=-1).mean(dim=0)
 
 
+@dataclass
+class BucketTargets:
+    """Soft targets known only on a support (the cached top k) plus the mass outside it.
+
+    probs: ``(rows, pdfs)``, zero outside ``support``; support: ``(rows, pdfs)`` bool; rest:
+    ``(rows,)`` target mass outside the support. The loss treats everything outside the support as
+    one "rest" class (its student probability is the student's own mass there), so nothing is
+    assumed about how the teachers spread the tail: a uniform spread would turn the dark knowledge
+    of high temperatures into a flat floor.
+    """
+
+    probs: torch.Tensor
+    support: torch.Tensor
+    rest: torch.Tensor
+
+    def to(self, device: torch.device) -> "BucketTargets":
+        return BucketTargets(self.probs.to(device), self.support.to(device), self.rest.to(device))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.probs.shape
+
+
 @runtime_checkable
 class SoftTargetSource(Protocol):
-    """Anything that gives ``(rows, pdfs)`` soft-target probabilities for a batch at temperature T."""
+    """Anything that gives soft targets for a batch at temperature T: ``(rows, pdfs)``
+    probabilities, or :class:`BucketTargets` when only a top k is known."""
 
-    def targets(self, batch: "FrameBatch", temperature: float) -> torch.Tensor: ...
+    def targets(self, batch: "FrameBatch", temperature: float) -> "torch.Tensor | BucketTargets": ...
 
 
 class TeacherEnsemble:
@@ -110,16 +135,18 @@ class TeacherEnsemble:
     batch are kept, so asking for several temperatures of the same batch costs one forward pass.
     """
 
-    def __init__(self, model: StackedModel) -> None:
+    def __init__(self, model: StackedModel, bf16: bool = False) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.bf16 = bool(bf16)        # forward passes under bf16 autocast (CUDA, CPUs with avx512_bf16)
         self._last_x: torch.Tensor | None = None
         self._last_logits: torch.Tensor | None = None
 
     @classmethod
-    def from_paths(cls, paths: Sequence[str | os.PathLike], device: str | torch.device = "cpu") -> "TeacherEnsemble":
-        return cls(load_stack(paths).to(device))
+    def from_paths(cls, paths: Sequence[str | os.PathLike], device: str | torch.device = "cpu",
+                   bf16: bool = False) -> "TeacherEnsemble":
+        return cls(load_stack(paths).to(device), bf16=bf16)
 
     @property
     def num_pdfs(self) -> int:
@@ -131,8 +158,8 @@ class TeacherEnsemble:
             p0 = next(self.model.parameters())
             if p0.device != batch.x.device:
                 self.model.to(batch.x.device)
-            with torch.no_grad():
-                self._last_logits = self.model(batch.x.to(p0.dtype))
+            with torch.no_grad(), torch.autocast(batch.x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                self._last_logits = self.model(batch.x.to(p0.dtype)).float()
             self._last_x = batch.x
         return self._last_logits  # type: ignore[return-value]
 
@@ -228,14 +255,23 @@ def read_topk(path: str | os.PathLike) -> TopKTargets:
             raise DistillError(f"{path}: {e}") from None
 
 
+TAILS = ("bucket", "uniform")
+
+
 class TopKCache:
     """Soft targets read from top-k caches, one per temperature, indexed by ``batch.frame_idx``.
 
     The caches cover the *training* set in its global frame order; asking for a temperature
-    without a cache is an error (top-k probabilities cannot be re-tempered exactly).
+    without a cache is an error (top-k probabilities cannot be re-tempered exactly). ``tail``:
+    ``bucket`` (default) gives :class:`BucketTargets` (the mass outside the top k is one class);
+    ``uniform`` spreads it evenly over the other pdfs (the first implementation, kept for the
+    ablation).
     """
 
-    def __init__(self, caches: Sequence[TopKTargets]) -> None:
+    def __init__(self, caches: Sequence[TopKTargets], tail: str = "bucket") -> None:
+        if tail not in TAILS:
+            raise DistillError(f"tail must be one of {TAILS}, got {tail!r}")
+        self.tail = tail
         if not caches:
             raise DistillError("TopKCache needs at least one cache")
         n, p = caches[0].num_frames, caches[0].num_pdfs
@@ -249,8 +285,8 @@ class TopKCache:
         self._t: dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_files(cls, paths: Sequence[str | os.PathLike]) -> "TopKCache":
-        return cls([read_topk(p) for p in paths])
+    def from_files(cls, paths: Sequence[str | os.PathLike], tail: str = "bucket") -> "TopKCache":
+        return cls([read_topk(p) for p in paths], tail=tail)
 
     @property
     def temperatures(self) -> list[float]:
@@ -268,13 +304,19 @@ class TopKCache:
                             torch.from_numpy(np.ascontiguousarray(c.rest)).to(device))
         return self._t[key]
 
-    def targets(self, batch: "FrameBatch", temperature: float) -> torch.Tensor:
+    def targets(self, batch: "FrameBatch", temperature: float) -> "torch.Tensor | BucketTargets":
         idx = batch.frame_idx
         values, indices, rest = self._tensors(temperature, idx.device)
         if idx.numel() and (int(idx.max()) >= self.num_frames or int(idx.min()) < 0):
             raise DistillError(f"frame index {int(idx.max())} outside the cache's {self.num_frames} frames "
                                "(is the batch from the set the cache was made for?)")
-        return dense_from_topk(values[idx], indices[idx], rest[idx], self.num_pdfs)
+        if self.tail == "uniform":
+            return dense_from_topk(values[idx], indices[idx], rest[idx], self.num_pdfs)
+        rows = idx.numel()
+        ind = indices[idx].long()
+        probs = torch.zeros(rows, self.num_pdfs, device=idx.device).scatter_(1, ind, values[idx].float())
+        support = torch.zeros(rows, self.num_pdfs, dtype=torch.bool, device=idx.device).scatter_(1, ind, True)
+        return BucketTargets(probs, support, rest[idx].float())
 
 
 @torch.no_grad()
@@ -284,6 +326,7 @@ def compute_topk_targets(
     temperatures: Sequence[float],
     k: int,
     batch_size: int = 4096,
+    bf16: bool = False,
 ) -> list[TopKTargets]:
     """Run the teacher stack over every frame of ``data`` (in order) and keep the top k per frame.
 
@@ -306,7 +349,8 @@ def compute_topk_targets(
     for start in tqdm(range(0, n, batch_size), desc="soft targets", disable=None):
         idx = torch.arange(start, min(n, start + batch_size), device=device)
         x = splice(data.feats, idx, left, right, data.utt_start, data.utt_end)
-        logits = teacher(x.float())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = teacher(x.float()).float()
         for (vals, inds, rest), t in zip(outs, temperatures):
             v, i, r = topk_from_probs(soft_targets(logits, t), k)
             vals[start:start + len(v)], inds[start:start + len(v)], rest[start:start + len(v)] = v, i, r
@@ -328,6 +372,7 @@ def write_soft_target_caches(
     cfg: SoftTargetConfig | None = None,
     device: str = "cpu",
     data: "FrameData | None" = None,
+    bf16: bool = False,
 ) -> list[Path]:
     """Write ``out_dir/topk_T<T>.npz`` for each temperature, plus ``info.json`` with the sizes.
 
@@ -345,7 +390,9 @@ def write_soft_target_caches(
     teachers = [str(p) for p in teacher_model_paths]
     if is_done(out_dir):
         info = read_json(out_dir / ".done")
-        if info.get("config_hash") == h and info.get("teachers") == teachers and all(p.is_file() for p in paths):
+        same_data = data is None or info.get("num_frames") == data.num_frames
+        if info.get("config_hash") == h and info.get("teachers") == teachers and same_data \
+                and all(p.is_file() for p in paths):
             log.info("%s is done; skipping", out_dir)
             return paths
         (out_dir / ".done").unlink()
@@ -354,7 +401,7 @@ def write_soft_target_caches(
     teacher = load_stack(teacher_model_paths)
     if data is None:
         data = FrameData.from_dirs(feats_dir, None, cmvn=cfg.cmvn, device=device)
-    caches = compute_topk_targets(teacher, data, cfg.temperatures, cfg.k, cfg.batch_size)
+    caches = compute_topk_targets(teacher, data, cfg.temperatures, cfg.k, cfg.batch_size, bf16=bf16)
     info: dict[str, Any] = {"num_frames": data.num_frames, "num_pdfs": teacher.num_pdfs, "k": cfg.k,
                             "dense_fp16_bytes": 2 * data.num_frames * teacher.num_pdfs, "caches": {}}
     for c, p in zip(caches, paths):
@@ -367,7 +414,7 @@ def write_soft_target_caches(
                  p.stat().st_size / 1e6, info["dense_fp16_bytes"] / 1e6, cfg.k,
                  info["caches"][temperature_name(c.temperature)]["mean_topk_mass"] or float("nan"))
     atomic_write_json(out_dir / "info.json", info)
-    mark_done(out_dir, {"config_hash": h, "teachers": teachers})
+    mark_done(out_dir, {"config_hash": h, "teachers": teachers, "num_frames": data.num_frames})
     return paths
 
 
@@ -375,55 +422,88 @@ def write_soft_target_caches(
 # Objective
 
 
+def soft_cross_entropy(targets: "torch.Tensor | BucketTargets", log_p: torch.Tensor) -> torch.Tensor:
+    """``(rows,)`` cross-entropy of student log-probabilities ``log_p`` ``(rows, pdfs)`` against
+    soft targets; with :class:`BucketTargets` the mass outside the support is one class."""
+    if isinstance(targets, BucketTargets):
+        tail = torch.logsumexp(log_p.masked_fill(targets.support, float("-inf")), dim=-1)   # (rows,)
+        return -(targets.probs * log_p).sum(dim=-1) - targets.rest * tail.clamp(min=-80.0)
+    return -(targets * log_p).sum(dim=-1)
+
+
 class DistillObjective:
     """Soft + hard cross-entropy for a stack of students, one temperature per student.
 
-    Satisfies :class:`asr.train.Objective`: ``(logits (M, rows, pdfs), batch) -> (M,)`` per-student
-    mean losses over the rows with a label (``batch.labels >= 0``).
+    Satisfies :class:`asr.train.Objective`: ``(logits (M, rows, pdfs), batch) -> (M,)``. Per student
+    ``m``, averaged over all rows of the batch::
 
-    ``eval_source`` (optional) gives the targets of batches scored without gradients, i.e. the
-    training loop's dev evaluation: a :class:`TopKCache` covers the training frames only, so dev
-    batches must get their targets elsewhere (the teachers).
+        T_m^2 * CE(q_T, softmax(z_m / T_m))  +  hard_weight * CE(label, softmax(z_m)) [labelled rows]
+
+    Soft targets need no label, so ``needs_labels`` is False: unlabelled transfer frames (and
+    frames whose alignment failed) train the student through the soft term alone.
+
+    ``augment`` (an :class:`asr.augment.AugmentConfig`): ``prepare`` augments each training batch
+    once, before the forward pass; the teachers (an online source) then see exactly the student's
+    input. ``eval_source``: where dev batches get their targets (a top-k cache covers training
+    frames only); :meth:`for_evaluation` returns that objective, without augmentation.
     """
 
+    needs_labels = False
+
     def __init__(self, temperatures: Sequence[float], hard_weight: float, source: SoftTargetSource,
-                 eval_source: SoftTargetSource | None = None) -> None:
+                 eval_source: SoftTargetSource | None = None, augment: Any = None, feat_dim: int = 0) -> None:
         if not temperatures:
             raise ValueError("DistillObjective needs one temperature per student")
         if any(not t > 0 for t in temperatures):
             raise ValueError(f"temperatures must be positive, got {list(temperatures)}")
         if hard_weight < 0:
             raise ValueError(f"hard_weight must be >= 0, got {hard_weight}")
+        if augment is not None and augment.enabled and feat_dim <= 0:
+            raise ValueError("augmentation needs the feature dimension of the spliced windows")
         self.temperatures = [float(t) for t in temperatures]
         self.hard_weight = float(hard_weight)
         self.source = source
         self.eval_source = eval_source
+        self.augment = augment if augment is not None and augment.enabled else None
+        self.feat_dim = int(feat_dim)
+
+    def for_evaluation(self) -> "DistillObjective":
+        """The objective for dev batches: targets from ``eval_source`` (if any), no augmentation."""
+        return DistillObjective(self.temperatures, self.hard_weight, self.eval_source or self.source)
+
+    def prepare(self, batch: "FrameBatch", generator: torch.Generator) -> "FrameBatch":
+        """Augment a training batch once; teachers and student both see the result."""
+        if self.augment is None:
+            return batch
+        from asr.augment import augment_windows
+        from asr.frames import FrameBatch
+
+        return FrameBatch(x=augment_windows(batch.x, self.feat_dim, self.augment, generator),
+                          labels=batch.labels, frame_idx=batch.frame_idx)
 
     def __call__(self, logits: torch.Tensor, batch: "FrameBatch") -> torch.Tensor:
         if logits.dim() != 3 or logits.shape[0] != len(self.temperatures):
             raise ValueError(f"expected logits (M={len(self.temperatures)}, rows, pdfs), got {tuple(logits.shape)}")
-        if logits.shape[1] != batch.labels.shape[0]:
-            raise ValueError(f"logits have {logits.shape[1]} rows but the batch has {batch.labels.shape[0]} labels")
-        mask = batch.labels >= 0
-        n = mask.sum().clamp(min=1)
+        rows = logits.shape[1]
+        if rows != batch.labels.shape[0]:
+            raise ValueError(f"logits have {rows} rows but the batch has {batch.labels.shape[0]} labels")
+        labelled = (batch.labels >= 0).to(torch.float32)
         labels = batch.labels.clamp(min=0)
-        targets: dict[float, torch.Tensor] = {}
+        targets: dict[float, Any] = {}
         losses = []
-        source = self.source
-        if self.eval_source is not None and not torch.is_grad_enabled():
-            source = self.eval_source
         for m, t in enumerate(self.temperatures):
             if t not in targets:
-                q = source.targets(batch, t).to(logits.device)          # (rows, pdfs)
+                q = self.source.targets(batch, t).to(logits.device)
                 if q.shape != logits.shape[1:]:
                     raise DistillError(f"soft targets {tuple(q.shape)} do not match student logits "
                                        f"{tuple(logits.shape[1:])}")
                 targets[t] = q
             z = logits[m].float()                                               # (rows, pdfs)
-            soft = -(targets[t] * F.log_softmax(z / t, dim=-1)).sum(dim=-1)     # (rows,)
-            hard = F.cross_entropy(z, labels, reduction="none")                 # (rows,)
-            per_row = (t * t) * soft + self.hard_weight * hard
-            losses.append((per_row * mask).sum() / n)
+            soft = soft_cross_entropy(targets[t], F.log_softmax(z / t, dim=-1))  # (rows,)
+            per_row = (t * t) * soft
+            if self.hard_weight:
+                per_row = per_row + self.hard_weight * labelled * F.cross_entropy(z, labels, reduction="none")
+            losses.append(per_row.sum() / max(rows, 1))
         return torch.stack(losses)
 
 
@@ -438,8 +518,38 @@ class DistillConfig:
     seed: int = 1000                  # student init seed; the same for every T, so only T differs
     soft_targets: str = "online"      # online (teachers in the loop, exact) | cache (top-k files)
     topk: int = 20                    # cache mode: pdfs kept per frame
+    tail: str = "bucket"              # cache mode: mass outside the top k is one class | uniform spread
     teacher_batch_size: int = 4096    # cache mode: frames per teacher pass when writing the caches
     cmvn: str = "speaker"
+    # The student's schedule; None = the teachers' own (from their checkpoints). The stopping rule
+    # is the members' (newbob on dev frame accuracy); epochs is only its safety cap.
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    threads: int = 0                  # torch threads (0: leave as is)
+    transfer: bool = True             # learn from the --transfer-feats sets given (false: training frames only)
+    # Function matching (online targets only): augmentation shared by teachers and student.
+    freq_mask: int = 0
+    time_mask: int = 0
+    mixup: float = 0.0
+    diagnostics_frames: int = 50000   # training frames sampled for the agreement / KL diagnostics
+
+    def __post_init__(self) -> None:
+        if self.soft_targets not in ("online", "cache"):
+            raise ValueError(f"soft_targets must be 'online' or 'cache', got {self.soft_targets!r}")
+        if self.tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
+        if not self.temperatures or any(not t > 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {self.temperatures}")
+        if self.hard_weight < 0 or self.topk < 1:
+            raise ValueError(f"hard_weight must be >= 0 and topk >= 1, got {self.hard_weight}, {self.topk}")
+        if self.soft_targets == "cache" and self.augment.enabled:
+            raise ValueError("augmentation needs online soft targets (a cache holds the targets of "
+                             "un-augmented frames); set soft_targets: online")
+
+    @property
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(freq_mask=self.freq_mask, time_mask=self.time_mask, mixup=self.mixup)
 
 
 def _train_config_for(teacher_meta: dict, train_cfg: Any | None, overrides: dict | None = None) -> Any:
@@ -459,12 +569,84 @@ def _train_config_for(teacher_meta: dict, train_cfg: Any | None, overrides: dict
     return apply_overrides(TrainConfig(), overrides or {})
 
 
+def _student_schedule(cfg: DistillConfig, train_cfg: Any) -> Any:
+    """Apply the DistillConfig schedule fields that are set to the student's TrainConfig."""
+    changes = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr") if getattr(cfg, k) is not None}
+    if cfg.threads:
+        changes["threads"] = cfg.threads
+    return dataclasses.replace(train_cfg, **changes) if changes else train_cfg
+
+
 def _check_same_arch(student: StackedModel, teacher_path: Path, teacher: StackedModel) -> None:
     if (student.arch, student.input_feat_dim, student.num_pdfs) != (teacher.arch, teacher.input_feat_dim,
                                                                     teacher.num_pdfs):
         raise DistillError(f"student architecture {student.arch} ({student.input_feat_dim} -> "
                            f"{student.num_pdfs}) differs from the teacher's in {teacher_path}: "
                            f"{teacher.arch} ({teacher.input_feat_dim} -> {teacher.num_pdfs})")
+
+
+def _use_bf16(train_cfg: Any) -> bool:
+    from asr.train import uses_bf16
+
+    return uses_bf16(torch.device(train_cfg.device), train_cfg.dtype)
+
+
+def _student_data(train_cfg: Any, cfg: DistillConfig, train_feats_dir: str | os.PathLike,
+                  train_ali_dir: str | os.PathLike, transfer_feats_dirs: Sequence[str | os.PathLike],
+                  feat_dim: int) -> "tuple[FrameData, FrameData]":
+    """(labelled training set, training set + unlabelled transfer frames): the second is what the
+    students learn from; its first ``train.num_frames`` frames are the training set."""
+    from asr.frames import FrameData
+    from asr.train import features_dtype
+
+    dtype = features_dtype(train_cfg)
+    train = FrameData.from_dirs(train_feats_dir, train_ali_dir, cmvn=cfg.cmvn, device=train_cfg.device, dtype=dtype)
+    if train.feat_dim != feat_dim:
+        raise DistillError(f"{train_feats_dir}: features have dim {train.feat_dim}, the teachers expect {feat_dim}")
+    parts = [train]
+    for d in transfer_feats_dirs:
+        extra = FrameData.from_dirs(d, None, cmvn=cfg.cmvn, device=train_cfg.device, dtype=dtype)
+        if extra.feat_dim != feat_dim:
+            raise DistillError(f"{d}: transfer features have dim {extra.feat_dim}, the teachers expect {feat_dim}")
+        parts.append(extra)
+    if len(parts) > 1:
+        log.info("transfer set: %d unlabelled frames beside %d training frames",
+                 sum(p.num_frames for p in parts[1:]), train.num_frames)
+    return train, FrameData.concat(parts, num_pdfs=train.num_pdfs)
+
+
+def _soft_target_source(cfg: DistillConfig, teachers: TeacherEnsemble, teacher_paths: Sequence[Path],
+                        data: "FrameData", cache_dir: Path, device: str) -> SoftTargetSource:
+    if cfg.soft_targets == "online":
+        return teachers
+    st_cfg = SoftTargetConfig(temperatures=tuple(cfg.temperatures), k=cfg.topk,
+                              batch_size=cfg.teacher_batch_size, cmvn=cfg.cmvn)
+    cache_paths = write_soft_target_caches(teacher_paths, "", cache_dir, st_cfg, device=device, data=data,
+                                           bf16=teachers.bf16)
+    cache = TopKCache.from_files(cache_paths, tail=cfg.tail)
+    if cache.num_frames != data.num_frames:
+        raise DistillError(f"{cache_dir}: caches hold {cache.num_frames} frames, the student's training "
+                           f"data has {data.num_frames} (delete the cache to rebuild it)")
+    return cache
+
+
+def _write_choice(out_dir: Path, cfg: DistillConfig, names: Sequence[str], paths: Sequence[Path],
+                  teacher_paths: Sequence[Path], dev_set: str) -> dict:
+    """Per-student ``distill.json`` and the temperature chosen on dev frame accuracy (``choice.json``)."""
+    accs = []
+    for t, p in zip(cfg.temperatures, paths):
+        atomic_write_json(p.parent / "distill.json", {"temperature": float(t), "hard_weight": cfg.hard_weight,
+                                                      "seed": cfg.seed, "soft_targets": cfg.soft_targets,
+                                                      "teachers": [str(x) for x in teacher_paths]})
+        accs.append(100.0 * float(read_json(p.parent / "summary.json")["best_dev_acc"]))
+    best = int(np.argmax(accs))
+    choice = {"criterion": "dev frame accuracy", "dev_set": dev_set,
+              "per_temperature": {f"{t:g}": a for t, a in zip(cfg.temperatures, accs)},
+              "best_temperature": float(cfg.temperatures[best]), "best_dir": names[best],
+              "hard_weight": cfg.hard_weight, "soft_targets": cfg.soft_targets}
+    atomic_write_json(out_dir / "choice.json", choice)
+    log.info("dev frame accuracy per temperature: %s; chosen %s", choice["per_temperature"], names[best])
+    return choice
 
 
 def distill(
@@ -480,26 +662,27 @@ def distill(
     post_sets: Mapping[str, str | os.PathLike] | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
+    transfer_feats_dirs: Sequence[str | os.PathLike] = (),
 ) -> list[Path]:
     """Train one student per temperature (stacked, one call of ``train_stack``) and pick one on dev.
 
     ``train_cfg`` (an :class:`asr.train.TrainConfig`) defaults to the teachers' own stored training
-    config, so the student has the members' architecture, size and schedule. ``device`` overrides
-    its device. Writes ``out_dir/T<T>/model.pt`` (+ ``train_log.csv``, ``summary.json``,
-    ``distill.json``), ``out_dir/T<T>/post/<set>.npy`` for each ``post_sets`` entry (``{set name:
-    feats dir}``), ``out_dir/choice.json`` (per-temperature dev frame accuracy, the chosen T),
-    ``config.yaml``, ``train_config.yaml``, ``.done``; the training loop's own state lives in
-    ``out_dir/train-<hash>/``. In cache mode the top-k caches are read from / written to
-    ``cache_dir`` (default ``out_dir/soft_targets``). Returns the students' model paths in
-    ``cfg.temperatures`` order.
+    config, so the student has the members' architecture and size; the schedule fields of ``cfg``
+    (epochs, batch_size, lr, threads) go on top. ``transfer_feats_dirs``: feature dirs of unlabelled
+    audio the students also learn from (soft loss only; their transcripts are never read).
+    Writes ``out_dir/T<T>/model.pt`` (+ ``train_log.csv``, ``summary.json``, ``distill.json``,
+    ``priors.npy``: the student's mean posterior over the training frames), ``T<T>/post/<set>.npy``
+    for each ``post_sets`` entry (``{set name: feats dir}``), ``choice.json`` (per-temperature dev
+    frame accuracy, the chosen T), ``diagnostics.json`` (student-ensemble agreement and KL on
+    training and dev frames), ``config.yaml``, ``train_config.yaml``, ``.done``; the training loop's
+    own state lives in ``out_dir/train-<hash>/``. In cache mode the top-k caches are read from /
+    written to ``cache_dir`` (default ``out_dir/soft_targets``). Returns the students' model paths
+    in ``cfg.temperatures`` order.
     """
+    from asr.diagnostics import distill_diagnostics
     from asr.frames import FrameData
-    from asr.train import save_posteriors, train_stack
+    from asr.train import features_dtype, save_posteriors, train_stack, write_priors
 
-    if cfg.soft_targets not in ("online", "cache"):
-        raise ValueError(f"soft_targets must be 'online' or 'cache', got {cfg.soft_targets!r}")
-    if not cfg.temperatures:
-        raise ValueError("no temperatures given")
     names = [temperature_name(t) for t in cfg.temperatures]
     if len(set(names)) != len(names):
         raise ValueError(f"temperatures repeat: {list(cfg.temperatures)}")
@@ -508,14 +691,17 @@ def distill(
     out_dir = Path(out_dir)
     teacher_paths = [Path(p) for p in teacher_model_paths]
     teacher_one, teacher_meta = load_model(teacher_paths[0])
-    train_cfg = _train_config_for(teacher_meta, train_cfg, train_overrides)
+    train_cfg = _student_schedule(cfg, _train_config_for(teacher_meta, train_cfg, train_overrides))
     if device is not None and device != train_cfg.device:
         train_cfg = dataclasses.replace(train_cfg, device=device)
     device = train_cfg.device
+    if train_cfg.threads > 0:
+        torch.set_num_threads(train_cfg.threads)
     post_sets = dict(post_sets or {})
-    h = config_hash(cfg) + "-" + config_hash(train_cfg)
+    transfer = [str(d) for d in transfer_feats_dirs] if cfg.transfer else []
     model_paths = [out_dir / n / "model.pt" for n in names]
-    done_key = {"config_hash": h, "teachers": [str(p) for p in teacher_paths], "post_sets": sorted(post_sets)}
+    done_key = {"config_hash": config_hash(cfg) + "-" + config_hash(train_cfg),
+                "teachers": [str(p) for p in teacher_paths], "post_sets": sorted(post_sets), "transfer": transfer}
     if is_done(out_dir):
         info = read_json(out_dir / ".done")
         if all(info.get(k) == v for k, v in done_key.items()) and all(p.is_file() for p in model_paths):
@@ -526,70 +712,37 @@ def distill(
     write_config(cfg, out_dir)
     write_config(train_cfg, out_dir, name="train_config.yaml")
 
-    on_gpu = str(device).startswith("cuda")
-    feats_dtype = torch.bfloat16 if on_gpu and train_cfg.dtype != "float32" else torch.float32
-    train = FrameData.from_dirs(train_feats_dir, train_ali_dir, cmvn=cfg.cmvn, device=device, dtype=feats_dtype)
-    dev = FrameData.from_dirs(dev_feats_dir, dev_ali_dir, cmvn=cfg.cmvn, device=device, dtype=feats_dtype)
-    if train.feat_dim != teacher_one.input_feat_dim:
-        raise DistillError(f"{train_feats_dir}: features have dim {train.feat_dim}, the teachers "
-                           f"({teacher_paths[0]}) expect {teacher_one.input_feat_dim}")
-
-    teachers = TeacherEnsemble(load_stack(teacher_paths).to(device))
-    eval_source: SoftTargetSource | None = None
-    if cfg.soft_targets == "cache":
-        cdir = Path(cache_dir) if cache_dir is not None else out_dir / "soft_targets"
-        st_cfg = SoftTargetConfig(temperatures=tuple(cfg.temperatures), k=cfg.topk,
-                                  batch_size=cfg.teacher_batch_size, cmvn=cfg.cmvn)
-        cache_paths = write_soft_target_caches(teacher_paths, train_feats_dir, cdir, st_cfg, device=device,
-                                               data=train)
-        cache = TopKCache.from_files(cache_paths)
-        if cache.num_frames != train.num_frames:
-            raise DistillError(f"{cdir}: caches hold {cache.num_frames} frames, the training set "
-                               f"{train_feats_dir} has {train.num_frames}")
-        source: SoftTargetSource = cache
-        eval_source = teachers        # the caches cover training frames only; dev loss uses the teachers
-    else:
-        source = teachers
-    objective = DistillObjective(cfg.temperatures, cfg.hard_weight, source, eval_source=eval_source)
-
+    train, student_data = _student_data(train_cfg, cfg, train_feats_dir, train_ali_dir, transfer,
+                                        teacher_one.input_feat_dim)
+    dev = FrameData.from_dirs(dev_feats_dir, dev_ali_dir, cmvn=cfg.cmvn, device=device, dtype=features_dtype(train_cfg))
+    teachers = TeacherEnsemble(load_stack(teacher_paths).to(device), bf16=_use_bf16(train_cfg))
+    source = _soft_target_source(cfg, teachers, teacher_paths, student_data,
+                                 Path(cache_dir) if cache_dir is not None else out_dir / "soft_targets", device)
+    objective = DistillObjective(cfg.temperatures, cfg.hard_weight, source,
+                                 eval_source=teachers if source is not teachers else None,
+                                 augment=cfg.augment, feat_dim=teacher_one.input_feat_dim)
     common = {"kind": "distilled", "hard_weight": cfg.hard_weight, "teachers": [str(p) for p in teacher_paths],
-              "soft_targets": cfg.soft_targets}
+              "soft_targets": cfg.soft_targets, "transfer": transfer}
     metas = [{**common, "temperature": float(t)} for t in cfg.temperatures]
-    paths = train_stack(train_cfg, train, dev, out_dir, seeds=[cfg.seed] * len(names), objective=objective,
-                        member_names=names, extra_meta=metas, state_dir=out_dir / f"train-{config_hash(cfg)}")
-    paths = [Path(p) for p in paths]
-    del source, objective, teachers, eval_source, train
+    paths = [Path(p) for p in train_stack(train_cfg, student_data, dev, out_dir, seeds=[cfg.seed] * len(names),
+                                          objective=objective, member_names=names, extra_meta=metas,
+                                          state_dir=out_dir / f"train-{config_hash(cfg)}")]
+    del source, objective, student_data
 
     students = load_stack(paths).to(device)
     _check_same_arch(students, teacher_paths[0], teacher_one)
-    accs = []
-    for n, t, p in zip(names, cfg.temperatures, paths):
-        atomic_write_json(p.parent / "distill.json", {"temperature": float(t), "hard_weight": cfg.hard_weight,
-                                                      "seed": cfg.seed, "soft_targets": cfg.soft_targets,
-                                                      "teachers": [str(x) for x in teacher_paths]})
-        summary = read_json(p.parent / "summary.json")
-        accs.append(100.0 * float(summary["best_dev_acc"]))
-    best = int(np.argmax(accs))
-    choice = {
-        "criterion": "dev frame accuracy",
-        "dev_set": Path(dev_feats_dir).name,
-        "per_temperature": {f"{t:g}": a for t, a in zip(cfg.temperatures, accs)},
-        "best_temperature": float(cfg.temperatures[best]),
-        "best_dir": names[best],
-        "hard_weight": cfg.hard_weight,
-        "soft_targets": cfg.soft_targets,
-    }
-    atomic_write_json(out_dir / "choice.json", choice)
-    log.info("dev frame accuracy per temperature: %s; chosen %s", choice["per_temperature"], names[best])
-
+    _write_choice(out_dir, cfg, names, paths, teacher_paths, Path(dev_feats_dir).name)
+    write_priors(students, train, [p.parent / "priors.npy" for p in paths], dtype=train_cfg.dtype)
+    atomic_write_json(out_dir / "diagnostics.json",
+                      distill_diagnostics(teachers, students, names, train, dev, cfg.diagnostics_frames,
+                                          batch_size=train_cfg.eval_batch_size))
+    del teachers, train
     for set_name, feats_dir in post_sets.items():
-        data = FrameData.from_dirs(feats_dir, None, cmvn=cfg.cmvn, device=device, dtype=feats_dtype)
-        if on_gpu:
-            data = data.to(device, torch.float32)
+        data = FrameData.from_dirs(feats_dir, None, cmvn=cfg.cmvn, device=device, dtype=features_dtype(train_cfg))
         save_posteriors(students, data, [out_dir / n / "post" / f"{set_name}.npy" for n in names],
                         batch_size=train_cfg.eval_batch_size, dtype=train_cfg.dtype)
         del data
-    mark_done(out_dir, {**done_key, "best_temperature": choice["best_temperature"]})
+    mark_done(out_dir, {**done_key, "best_temperature": read_json(out_dir / "choice.json")["best_temperature"]})
     return paths
 
 
@@ -617,7 +770,8 @@ def _cli_distill(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         post_sets[k] = v
     distill(cfg, args.train_feats, args.train_ali, args.dev_feats, args.dev_ali, args.teachers, args.out_dir,
-            train_cfg=_train_cfg_from_args(args), train_overrides=parse_kv(args.train_set), post_sets=post_sets, cache_dir=args.cache_dir, device=args.device)
+            train_cfg=_train_cfg_from_args(args), train_overrides=parse_kv(args.train_set), post_sets=post_sets,
+            cache_dir=args.cache_dir, device=args.device, transfer_feats_dirs=args.transfer_feats)
     return 0
 
 
@@ -648,6 +802,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dev-feats", required=True)
     p.add_argument("--dev-ali", required=True)
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--transfer-feats", nargs="+", action="extend", default=[], metavar="FEATS_DIR",
+                   help="unlabelled transfer set(s): the students learn the teachers' soft targets there too")
     p.add_argument("--post", action="append", metavar="SET=FEATS_DIR",
                    help="write the students' posteriors for this set (repeatable)")
     p.add_argument("--temperatures", default=None, help="comma-separated, e.g. 1,2,5,10")

@@ -143,12 +143,15 @@ def write_ensemble(
     out_dir: str | os.PathLike,
     sizes: Sequence[int] | None = None,
     cfg: EnsembleConfig | None = None,
+    ali_root: str | os.PathLike | None = None,
 ) -> dict[int, Path]:
     """Write ``out_dir/post_<k>/<set>.npy`` (float16 log-posteriors) for each ensemble size ``k``.
 
     The members are ordered by seed and the ensemble of size ``k`` uses the first ``k``. Results
     are written through a float16 memory map chunk by chunk, then renamed into place. Also writes
     ``post_<k>/members.json`` (the member dirs used), ``config.yaml`` and ``.done``.
+    With ``ali_root`` (holding ``<set>/labels.npy``), ``post_<k>/frame_acc.json`` gives every
+    ensemble's frame accuracy per set, so the ensemble-size curve needs no decoding.
     Returns ``{k: out_dir/post_<k>}``.
     """
     cfg = cfg or EnsembleConfig()
@@ -184,6 +187,7 @@ def write_ensemble(
                 raise EnsembleError(f"member {m}: missing posteriors {m / 'post' / (s + '.npy')}")
     for k in all_sizes:
         kdir = outputs[k]
+        accs: dict[str, float | None] = {}
         for s in tqdm(sets, desc=f"ensemble k={k}", disable=None):
             paths = [m / "post" / f"{s}.npy" for m in members[:k]]
             shape = np.load(paths[0], mmap_mode="r", allow_pickle=False).shape
@@ -191,16 +195,52 @@ def write_ensemble(
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
                 ensemble_log_posteriors(paths, mode=cfg.mode, chunk_frames=cfg.chunk_frames, out=out)
                 out.flush()
+                if ali_root is not None:
+                    accs[s] = _frame_accuracy(out, Path(ali_root) / s)
                 del out
         atomic_write_json(kdir / "members.json", {"k": k, "mode": cfg.mode, "members": [str(m) for m in members[:k]]})
+        _write_ensemble_priors(members[:k], kdir / "priors.npy", cfg.mode)
+        if ali_root is not None:
+            atomic_write_json(kdir / "frame_acc.json", {"frame_acc": accs})
     mark_done(out_dir, {"config_hash": h, "members": [str(m) for m in members], "sets": list(sets),
                         "sizes": all_sizes, "config": config_to_dict(cfg)})
     return outputs
 
 
+def _frame_accuracy(log_post: np.ndarray, ali_dir: Path, chunk: int = 65536) -> float | None:
+    """Percent of labelled frames whose argmax is the reference pdf (None without labels)."""
+    from asr.labels import LabelStore
+
+    if not (ali_dir / "labels.npy").is_file():
+        return None
+    labels = LabelStore(ali_dir).labels
+    if labels.shape[0] != log_post.shape[0]:
+        raise EnsembleError(f"{ali_dir}: {labels.shape[0]} labels for {log_post.shape[0]} posterior frames")
+    correct = total = 0
+    for a in range(0, labels.shape[0], chunk):
+        lab = labels[a:a + chunk]
+        ok = lab >= 0
+        correct += int((np.asarray(log_post[a:a + chunk]).argmax(1) == lab)[ok].sum())
+        total += int(ok.sum())
+    return 100.0 * correct / total if total else None
+
+
+def _write_ensemble_priors(members: Sequence[Path], out: Path, mode: str) -> None:
+    """Posterior priors of an arithmetic ensemble: the mean of its members' mean posteriors (exactly
+    the ensemble's own mean posterior over the training frames). Skipped when a member has none, or
+    for the geometric mean (whose mean posterior is not the members' average)."""
+    paths = [m / "priors.npy" for m in members]
+    if mode != "arithmetic" or not all(p.is_file() for p in paths):
+        return
+    pri = np.mean([np.load(p, allow_pickle=False).astype(np.float64) for p in paths], axis=0)
+    from asr.io import atomic_save_npy
+
+    atomic_save_npy(out, pri / pri.sum())
+
+
 def _cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(EnsembleConfig, args, mode=args.mode, sizes=args.sizes)
-    write_ensemble(args.members, args.sets, args.out_dir, cfg=cfg)
+    write_ensemble(args.members, args.sets, args.out_dir, cfg=cfg, ali_root=args.ali_root)
     return 0
 
 
@@ -217,5 +257,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--sizes", default=None, help="comma-separated ensemble sizes (default: all members)")
     p.add_argument("--mode", choices=MODES, default=None, help="arithmetic (default) or geometric mean")
+    p.add_argument("--ali-root", default=None, help="folder of ali/<set>/: write each ensemble's frame accuracy")
     add_config_args(p)
     p.set_defaults(func=_cli)

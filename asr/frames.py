@@ -101,6 +101,17 @@ class FrameData:
         )
 
     @classmethod
+    def concat(cls, parts: "list[FrameData]", num_pdfs: int | None = None) -> "FrameData":
+        """One data set from several, in order (utterance bounds shifted; labels kept, -1 stays -1)."""
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0] + [p.num_frames for p in parts[:-1]])
+        return cls(feats=torch.cat([p.feats for p in parts]), labels=torch.cat([p.labels for p in parts]),
+                   utt_start=torch.cat([p.utt_start + int(o) for p, o in zip(parts, offsets)]),
+                   utt_end=torch.cat([p.utt_end + int(o) for p, o in zip(parts, offsets)]),
+                   num_pdfs=num_pdfs if num_pdfs is not None else parts[0].num_pdfs)
+
+    @classmethod
     def from_arrays(cls, feats: np.ndarray | torch.Tensor, lengths: np.ndarray | list[int],
                     labels: np.ndarray | torch.Tensor | None = None, num_pdfs: int | None = None,
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "FrameData":

@@ -152,6 +152,7 @@ def collect_systems(exp_dir: str | os.PathLike, sets: Sequence[str]) -> list[dic
                 raise ReportError(f"{sj}: a distilled system needs 'temperature'")
             row["temperature"] = float(info["temperature"])
             row["hard_weight"] = _num(info.get("hard_weight"))
+            row["variant"] = str(info.get("variant", "distill"))
         row["frame_acc"] = {}
         row["wer"] = {}
         for s in sets:
@@ -170,10 +171,25 @@ def collect_systems(exp_dir: str | os.PathLike, sets: Sequence[str]) -> list[dic
             row["wer"][s] = wer
         row["_dir"] = str(sdir)
         rows.append(row)
+    rows += _undecoded_ensembles(Path(exp_dir), sets, {r["members"] for r in rows if r["kind"] == "ensemble"})
     names = [r["name"] for r in rows]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ReportError(f"{decode}: system names used twice: {dup}")
+    return rows
+
+
+def _undecoded_ensembles(exp_dir: Path, sets: Sequence[str], decoded_sizes: set) -> list[dict]:
+    """Ensembles that only have frame accuracy (``ensemble/post_<k>/frame_acc.json``): the
+    ensemble-size curve needs every size, WER only a few."""
+    rows = []
+    for fj in sorted((exp_dir / "ensemble").glob("post_*/frame_acc.json")):
+        k = int(fj.parent.name.split("_")[1])
+        if k in decoded_sizes or k == 1:
+            continue
+        fa = read_json(fj).get("frame_acc", {})
+        rows.append({"name": f"ensemble-{k}", "kind": "ensemble", "params": None, "members": k,
+                     "frame_acc": {s: _num(fa.get(s)) for s in sets}, "wer": {s: None for s in sets}})
     return rows
 
 
@@ -261,12 +277,70 @@ def _bootstrap(a: dict, b: dict, s: str, num_samples: int, seed: int) -> dict | 
     return {"set": s, "a": a["name"], "b": b["name"], **res}
 
 
+def _gain_kept(mm: dict | None, ens: dict | None, dist: dict | None, s: str) -> dict:
+    """(distilled - baseline) / (ensemble - baseline) per metric (WER: lower is better); None
+    where a number is missing or the ensemble has no gain."""
+    g: dict[str, float | None] = {}
+    for metric in ("frame_acc", "wer"):
+        vals = [r[metric].get(s) if r else None for r in (mm, ens, dist)]
+        if None in vals:
+            g[metric] = None
+            continue
+        base, e, d = vals
+        improvement = (e - base) if metric == "frame_acc" else (base - e)
+        kept = (d - base) if metric == "frame_acc" else (base - d)
+        g[metric] = kept / improvement if improvement > 0 else None
+    return g
+
+
+def describe_variant(variant_dir: Path) -> str:
+    """What a student variant did, in words, from its ``config.yaml`` and ``.done``."""
+    import yaml
+
+    c = yaml.safe_load((variant_dir / "config.yaml").read_text()) if (variant_dir / "config.yaml").is_file() else {}
+    done = read_json(variant_dir / ".done") if (variant_dir / ".done").is_file() else {}
+    parts = []
+    if c.get("soft_targets") == "cache":
+        parts.append(f"cached top-{c.get('topk')} targets ({c.get('tail')} tail)")
+    else:
+        parts.append("online targets")
+    parts.append("+ transfer set" if done.get("transfer") else "training frames only")
+    aug = [f"{k} {c[k]}" for k in ("freq_mask", "time_mask", "mixup") if c.get(k)]
+    if aug:
+        parts.append("augmentation: " + ", ".join(aug))
+    parts.append(f"hard weight {c.get('hard_weight')}")
+    if c.get("epochs"):
+        parts.append(f"epoch cap {c['epochs']}")
+    return "; ".join(parts)
+
+
+def _ablation(exp_dir: Path, rows: list[dict], mm: dict | None, ens: dict | None, sets: Sequence[str],
+              students: Sequence[str]) -> list[dict]:
+    """One row per student variant (``students`` order, e.g. the paper's recipe first): its chosen
+    student's numbers and the share of the ensemble gain it keeps."""
+    out = []
+    for variant in students:
+        vdir = exp_dir / variant
+        choice = read_json(vdir / "choice.json") if (vdir / "choice.json").is_file() else None
+        match = [r for r in rows if r["kind"] == "distilled" and r.get("variant") == variant
+                 and choice is not None and math.isclose(r["temperature"], float(choice["best_temperature"]))]
+        if not match:
+            log.warning("student variant %s: no decoded student (is stage 8 done?)", variant)
+            continue
+        r = match[0]
+        out.append({"variant": variant, "name": r["name"], "temperature": r["temperature"],
+                    "description": describe_variant(vdir), "frame_acc": r["frame_acc"], "wer": r["wer"],
+                    "gain_kept": {s: _gain_kept(mm, ens, r, s)["frame_acc"] for s in sets}})
+    return out
+
+
 def build_results(
     exp_dir: str | os.PathLike,
     corpus: str,
     sets: Sequence[str],
     bootstrap_samples: int = 1000,
     bootstrap_seed: int = 0,
+    students: Sequence[str] = (),
 ) -> dict:
     """Gather every decoded system into the ``results.json`` structure (see the module doc)."""
     exp_dir = Path(exp_dir)
@@ -279,23 +353,10 @@ def build_results(
     rows.sort(key=_sort_key)
     ensembles = [r for r in rows if r["kind"] == "ensemble"]
     ens_full = max(ensembles, key=_ensemble_size) if ensembles else None
-    distilled = sorted((r for r in rows if r["kind"] == "distilled"), key=lambda r: r["temperature"])
+    distilled = sorted((r for r in rows if r["kind"] == "distilled" and r.get("variant", "distill") == "distill"),
+                       key=lambda r: r["temperature"])
     best_dist, dist_reason = _pick_distilled(exp_dir, distilled, sets)
-
-    gain: dict[str, dict] = {}
-    for s in sets:
-        g: dict[str, float | None] = {}
-        for metric in ("frame_acc", "wer"):
-            base = mm[metric].get(s) if mm else None
-            ens = ens_full[metric].get(s) if ens_full else None
-            dist = best_dist[metric].get(s) if best_dist else None
-            if None in (base, ens, dist):
-                g[metric] = None
-                continue
-            improvement = (ens - base) if metric == "frame_acc" else (base - ens)
-            kept = (dist - base) if metric == "frame_acc" else (base - dist)
-            g[metric] = kept / improvement if improvement > 0 else None
-        gain[s] = g
+    gain = {s: _gain_kept(mm, ens_full, best_dist, s) for s in sets}
 
     significance: list[dict] = []
     baseline_member: dict[str, str | None] = {}
@@ -318,6 +379,7 @@ def build_results(
     choice_file = exp_dir / "distill" / "choice.json"
     distill_choice = read_json(choice_file) if choice_file.is_file() else None
 
+    diag_file = exp_dir / "distill" / "diagnostics.json"
     systems = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     return {
         "corpus": corpus,
@@ -334,6 +396,8 @@ def build_results(
                       "baseline": "median-WER member per set"},
         "tuning": tuning,
         "distill_choice": distill_choice,
+        "diagnostics": read_json(diag_file) if diag_file.is_file() else None,
+        "ablation": _ablation(exp_dir, rows, mm, ens_full, sets, students),
     }
 
 
@@ -445,6 +509,47 @@ def _verdicts(results: dict, s: str) -> list[str]:
     return out
 
 
+def _ablation_md(results: dict) -> list[str]:
+    rows = results.get("ablation") or []
+    if not rows:
+        return []
+    sets = results["sets"]
+    L = ["## Distillation ablation", "",
+         "Each student variant (its own `conf/<variant>.yaml`), the temperature chosen on dev, frame accuracy / "
+         "WER, and the share of the ensemble's frame-accuracy gain it keeps. Everything was chosen on dev; "
+         "test is only reported.", "",
+         "| Variant | What it does | T | " + " | ".join(f"{s} FA / WER (kept)" for s in sets) + " |",
+         "|---|---|---|" + "---|" * len(sets)]
+    for r in rows:
+        cells = []
+        for s in sets:
+            k = r["gain_kept"].get(s)
+            cells.append(f"{_f(r['frame_acc'].get(s))} / {_f(r['wer'].get(s))} "
+                         f"({'n/a' if k is None else f'{100 * k:.0f}%'})")
+        L.append(f"| {r['variant']} | {r['description']} | {r['temperature']:g} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def _diagnostics_md(results: dict) -> list[str]:
+    d = results.get("diagnostics")
+    if not d:
+        return []
+    L = ["## Distillation diagnostics (reported student's variant)", "",
+         "On a fixed sample of training frames and on every dev frame: the ensemble's gain over its members "
+         "(large on dev but small on training frames means the targets carry little there), and each "
+         "student's accuracy, argmax agreement with the ensemble and KL(ensemble || student) at T = 1 "
+         "(poor agreement on training frames means the student failed to fit).", "",
+         "| Frames | member mean acc. | ensemble acc. | ensemble gain | student | acc. | agreement | KL |",
+         "|---|---|---|---|---|---|---|---|"]
+    for part in ("train", "dev"):
+        p = d[part]
+        for name, st in p["students"].items():
+            L.append(f"| {part} ({p['frames']}) | {100 * p['member_mean_acc']:.2f} | {100 * p['ensemble_acc']:.2f} | "
+                     f"{100 * p['ensemble_gain']:+.2f} | {name} | {100 * st['acc']:.2f} | "
+                     f"{100 * st['agreement']:.2f} | {st['kl']:.4f} |")
+    return L + [""]
+
+
 def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Path] = (),
                      command: str | None = None) -> Path:
     """Write RESULTS.md from a results dict (see :func:`build_results`)."""
@@ -489,6 +594,7 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
                      f"[{sig['ci_low']:+.2f}, {sig['ci_high']:+.2f}] | {sig['p_value']:.3f} |")
         L.append("")
 
+    L += _ablation_md(results) + _diagnostics_md(results)
     L += ["## All systems", ""]
     head = "| System | Kind | Params | " + " | ".join(f"{s} FA | {s} WER" for s in sets) + " |"
     L += [head, "|" + "---|" * (3 + 2 * len(sets))]
@@ -645,6 +751,7 @@ def build_report(
     sets: Sequence[str] | None = None,
     bootstrap_samples: int = 1000,
     command: str | None = None,
+    students: Sequence[str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``exp_dir/RESULTS.md``, ``exp_dir/results.json`` and ``exp_dir/plots/*.png``.
 
@@ -656,7 +763,10 @@ def build_report(
     sets = list(sets) if sets else discover_sets(exp_dir)
     if not sets:
         raise ReportError(f"{exp_dir}/decode: no decoded sets (no */*/wer.json)")
-    results = build_results(exp_dir, corpus, sets, bootstrap_samples=bootstrap_samples)
+    if students is None:   # every student variant folder that exists: distill_* first (the paper's recipe), distill last
+        students = sorted((p.name for p in exp_dir.glob("distill*") if (p / "choice.json").is_file()),
+                          key=lambda n: (n == "distill", n))
+    results = build_results(exp_dir, corpus, sets, bootstrap_samples=bootstrap_samples, students=students)
     plots = write_plots(results, exp_dir)
     results["plots"] = [str(p.relative_to(exp_dir)) for p in plots]
     json_path = exp_dir / "results.json"
@@ -669,7 +779,8 @@ def build_report(
 def _cli(args: argparse.Namespace) -> int:
     cmd = f"asr report --exp-dir {args.exp_dir}" + (f" --corpus {args.corpus}" if args.corpus else "") + \
         (f" --sets {' '.join(args.sets)}" if args.sets else "")
-    _, json_path = build_report(args.exp_dir, args.corpus, args.sets, args.bootstrap_samples, command=cmd)
+    _, json_path = build_report(args.exp_dir, args.corpus, args.sets, args.bootstrap_samples, command=cmd,
+                                students=args.students)
     if not args.quiet:
         print_table(json_path)
     return 0
@@ -686,5 +797,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", default=None, help="corpus name (default: the exp dir's name)")
     p.add_argument("--sets", nargs="+", default=None, help="sets to report (default: every decoded set)")
     p.add_argument("--bootstrap-samples", type=int, default=1000)
+    p.add_argument("--students", nargs="+", default=None,
+                   help="student variant folders for the ablation table, in order (default: every distill*/)")
     p.add_argument("--quiet", action="store_true", help="do not print the table")
     p.set_defaults(func=_cli)

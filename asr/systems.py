@@ -89,6 +89,9 @@ def _model_meta(model_path: Path) -> dict:
 def open_system(system_dir: str | os.PathLike, name: str | None = None) -> System:
     """Recognise a system directory and describe it (kind, name, parameter count, ...)."""
     d = Path(system_dir)
+    if (d / "choice.json").is_file() and not (d / "model.pt").is_file():
+        # A distillation folder: the student chosen on dev (choice.json) stands for it.
+        d = d / read_json(d / "choice.json")["best_dir"]
     if (d / "final.mdl").is_file():
         from asr.gmm import GmmModel
 
@@ -101,7 +104,9 @@ def open_system(system_dir: str | os.PathLike, name: str | None = None) -> Syste
             from asr.distill import temperature_name
 
             t = float(meta["temperature"])
-            info = {"name": name or f"distilled-{temperature_name(t)}", "kind": "distilled",
+            variant = d.parent.name                   # distill/ (the reported student), distill_paper/, ...
+            prefix = "distilled" if variant == "distill" else f"distilled-{variant.removeprefix('distill_')}"
+            info = {"name": name or f"{prefix}-{temperature_name(t)}", "kind": "distilled", "variant": variant,
                     "params": int(meta["params"]), "seed": int(meta["seed"]), "temperature": t,
                     "hard_weight": float(meta.get("hard_weight", float("nan")))}
         else:
@@ -173,32 +178,74 @@ def _refs(paths: SetPaths, store: FeatureStore) -> dict[str, str]:
     return {u: texts[u] for u in store.ids}
 
 
+PRIOR_KINDS = ("count", "posterior")
+
+
+def posterior_prior_path(system: System) -> Path | None:
+    """The system's own mean posterior over the training frames (``priors.npy``), if it has one."""
+    if system.kind == "gmm":
+        return None
+    p = system.dir / "priors.npy"
+    return p if p.is_file() else None
+
+
+def system_log_prior(system: System, kind: str, count_log_prior: np.ndarray | None) -> np.ndarray | None:
+    """Log-priors of ``kind``: ``count`` (the training alignment's label counts) or ``posterior``
+    (the system's mean posterior over the training frames, Kaldi's nnet3-am-adjust-priors)."""
+    if kind == "count":
+        return count_log_prior
+    p = posterior_prior_path(system)
+    if p is None:
+        raise SystemDirError(f"{system.name}: no posterior priors ({system.dir / 'priors.npy'}); "
+                             f"retrain or decode with count priors")
+    pri = np.load(p, allow_pickle=False).astype(np.float64)
+    if count_log_prior is not None and pri.shape != count_log_prior.shape:
+        raise SystemDirError(f"{p}: {pri.shape[0]} pdfs, the count priors have {count_log_prior.shape[0]}")
+    return np.log(pri)
+
+
+def _tune(system: System, tune_paths: SetPaths, cfg: DecodeConfig, grid: Sequence[float], graph_dir: Path,
+          lang_dir: Path, count_log_prior: np.ndarray | None, nj: int) -> tuple[dict, dict]:
+    """Tune acwt on the dev set for each prior kind the system has; the lower WER wins (ties: count)."""
+    kinds = [k for k in PRIOR_KINDS if k == "count" or posterior_prior_path(system) is not None]
+    tried, best_results = {}, {}
+    for kind in kinds:
+        scores = _Scores(system, tune_paths, system_log_prior(system, kind, count_log_prior))
+        refs = _refs(tune_paths, scores.store)
+        t = tune_acwt(graph_dir, lang_dir, scores.items(scores.store.ids), refs, None, acwts=grid, cfg=cfg,
+                      nj=nj, widen=True)
+        best_results[kind] = t.pop("best_results")
+        tried[kind] = t
+    kind = min(kinds, key=lambda k: (tried[k]["wer"], kinds.index(k)))
+    t = dict(tried[kind], priors=kind, tuned_on=tune_paths.name,
+             by_priors={k: {"acwt": v["acwt"], "wer": v["wer"]} for k, v in tried.items()})
+    return t, best_results[kind]
+
+
 def _choose_acwt(system: System, out_dir: Path, cfg: DecodeConfig, tune_paths: SetPaths | None,
                  acwt_from: Path | None, grid: Sequence[float], graph_dir: Path, lang_dir: Path,
-                 log_prior: np.ndarray | None, nj: int) -> tuple[DecodeConfig, dict | None]:
-    """The decoding config with the tuned (or copied) acwt, and the tune set's results at that
-    acwt when tuning just ran (so the tune set need not be decoded again)."""
+                 log_prior: np.ndarray | None, nj: int) -> tuple[DecodeConfig, str, dict | None]:
+    """The decoding config with the tuned (or copied) acwt, the prior kind, and the tune set's
+    results at that point when tuning just ran (so the tune set need not be decoded again)."""
     tune_file = out_dir / "tune.json"
     best = None
     if tune_file.is_file():
         t = read_json(tune_file)
     elif acwt_from is not None:
         src = read_json(acwt_from)
+        kind = src.get("priors", "count")
+        if kind == "posterior" and posterior_prior_path(system) is None:
+            raise SystemDirError(f"{acwt_from} chose posterior priors, but {system.dir} has no priors.npy")
         t = {"acwt": src["acwt"], "word_ins_penalty": src.get("word_ins_penalty", 0.0),
-             "lm_weight": 1.0 / src["acwt"], "copied_from": str(acwt_from)}
+             "lm_weight": 1.0 / src["acwt"], "priors": kind, "copied_from": str(acwt_from)}
         atomic_write_json(tune_file, t)
     elif tune_paths is not None:
-        scores = _Scores(system, tune_paths, log_prior)
-        refs = _refs(tune_paths, scores.store)
-        t = tune_acwt(graph_dir, lang_dir, scores.items(scores.store.ids), refs, tune_file,
-                      acwts=grid, cfg=cfg, nj=nj)
-        best = t.pop("best_results")
-        t["tuned_on"] = tune_paths.name
+        t, best = _tune(system, tune_paths, cfg, grid, graph_dir, lang_dir, log_prior, nj)
         atomic_write_json(tune_file, t)
     else:
-        return cfg, None
+        return cfg, "count", None
     cfg = dataclasses.replace(cfg, acwt=float(t["acwt"]), word_ins_penalty=float(t.get("word_ins_penalty", 0.0)))
-    return cfg, best
+    return cfg, t.get("priors", "count"), best
 
 
 def _input_files(system: System, sets: Sequence[SetPaths]) -> list[Path]:
@@ -244,9 +291,11 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
     log_prior = None
     if priors is not None:
         log_prior = np.log(np.load(priors, allow_pickle=False).astype(np.float64))
-    cfg, tuned = _choose_acwt(system, out_dir, cfg, tune_set, acwt_from,
-                              acwt_grid, graph_dir, lang_dir, log_prior, nj)
-    info = dict(system.info, acwt=cfg.acwt, word_ins_penalty=cfg.word_ins_penalty)
+    cfg, prior_kind, tuned = _choose_acwt(system, out_dir, cfg, tune_set, acwt_from,
+                                          acwt_grid, graph_dir, lang_dir, log_prior, nj)
+    if system.kind != "gmm":
+        log_prior = system_log_prior(system, prior_kind, log_prior)
+    info = dict(system.info, acwt=cfg.acwt, word_ins_penalty=cfg.word_ins_penalty, priors=prior_kind)
     atomic_write_json(out_dir / "system.json", info)
     results = {}
     for paths in sets:
@@ -266,7 +315,7 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
             set_dir, refs, {u: r.text for u, r in res.items()},
             log_post=scores.frame_scores if labels is not None else None, labels=labels,
             partial=[u for u, r in res.items() if not r.reached_final],
-            extra={"system": system.name, "set": paths.name, "acwt": cfg.acwt,
+            extra={"system": system.name, "set": paths.name, "acwt": cfg.acwt, "priors": prior_kind,
                    "word_ins_penalty": cfg.word_ins_penalty, "decode_config": config_to_dict(cfg)})
     return results
 

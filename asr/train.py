@@ -57,6 +57,10 @@ __all__ = [
     "compute_log_posteriors",
     "iter_log_posteriors",
     "save_posteriors",
+    "mean_posteriors",
+    "write_priors",
+    "uses_bf16",
+    "features_dtype",
     "add_cli",
 ]
 
@@ -74,8 +78,13 @@ class TrainError(ValueError):
 class Objective(Protocol):
     """A training criterion for a stack: logits ``(M, rows, pdfs)`` -> per-member mean loss ``(M,)``.
 
-    The loop sums over members (they are independent) and ignores the rows with ``batch.labels ==
-    -1`` when counting frames; objectives must give such rows no weight.
+    The loop sums over members (they are independent). Optional attributes an objective may have:
+
+    - ``needs_labels`` (default True): batches hold only labelled frames; False lets a criterion
+      that needs no label (soft targets) learn from unlabelled frames too;
+    - ``prepare(batch, generator) -> batch``: transforms a training batch before the forward pass
+      (augmentation shared by teachers and student); ``generator`` is seeded per batch;
+    - ``for_evaluation() -> Objective``: the criterion to score dev batches with, when it differs.
     """
 
     def __call__(self, logits: torch.Tensor, batch: FrameBatch) -> torch.Tensor: ...
@@ -284,9 +293,19 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def uses_bf16(device: torch.device, dtype: str) -> bool:
+    """Whether matmuls run under bf16 autocast: ``bfloat16``, or ``auto`` on CUDA."""
+    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+
+
+def features_dtype(cfg: TrainConfig) -> torch.dtype:
+    """How a data set is held in memory: bf16 on a GPU (half the memory, autocast reads it as is),
+    float32 on a CPU (bf16 gathers are slow there; autocast casts each batch)."""
+    return torch.bfloat16 if str(cfg.device).startswith("cuda") and cfg.dtype != "float32" else torch.float32
+
+
 def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(device, dtype):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -296,19 +315,26 @@ def _epoch_generator(data_seed: int, epoch: int) -> torch.Generator:
 
 
 def _batches(cfg: TrainConfig, model: StackedModel, data: FrameData, generator: torch.Generator | None,
-             shuffle: bool, start_batch: int = 0, batch_size: int | None = None) -> Iterator[FrameBatch]:
+             shuffle: bool, start_batch: int = 0, only_labelled: bool = True) -> Iterator[FrameBatch]:
     left, right = model.context
-    bs = batch_size or cfg.batch_size
+    bs = cfg.batch_size
     if cfg.chunk_len > 0 and shuffle:
         return iterate_chunks(data, cfg.chunk_len, max(1, bs // cfg.chunk_len), left, right, generator,
-                              shuffle=shuffle, start_batch=start_batch)
-    return iterate_batches(data, bs, left, right, generator, shuffle=shuffle, start_batch=start_batch)
+                              shuffle=shuffle, only_labelled=only_labelled, start_batch=start_batch)
+    return iterate_batches(data, bs, left, right, generator, shuffle=shuffle, only_labelled=only_labelled,
+                           start_batch=start_batch)
 
 
-def _num_batches(cfg: TrainConfig, data: FrameData) -> int:
+def _num_batches(cfg: TrainConfig, data: FrameData, only_labelled: bool = True) -> int:
     if cfg.chunk_len > 0:
-        return num_chunk_batches(data, cfg.chunk_len, max(1, cfg.batch_size // cfg.chunk_len))
-    return num_batches(data, cfg.batch_size)
+        return num_chunk_batches(data, cfg.chunk_len, max(1, cfg.batch_size // cfg.chunk_len), only_labelled)
+    return num_batches(data, cfg.batch_size, only_labelled)
+
+
+def _batch_generator(data_seed: int, epoch: int, batch: int) -> torch.Generator:
+    """The generator an objective's ``prepare`` draws from: fixed per (run, epoch, batch), so a
+    resumed run augments exactly as an uninterrupted one."""
+    return torch.Generator().manual_seed(int(data_seed) * 1_000_003 + int(epoch) * 104_729 + int(batch) * 31 + 5)
 
 
 def _rank_slice(batch: FrameBatch, rank: int, world: int, chunked: bool) -> FrameBatch:
@@ -334,6 +360,8 @@ def evaluate(model: torch.nn.Module | StackedModel, data: FrameData, cfg: TrainC
     Under torch.distributed each rank scores a slice of every batch and the sums are all-reduced.
     """
     objective = objective or CrossEntropyObjective()
+    if hasattr(objective, "for_evaluation"):
+        objective = objective.for_evaluation()
     inner = model.module if hasattr(model, "module") else model
     device = next(inner.parameters()).device
     rank, world = _dist()
@@ -536,14 +564,19 @@ def train_stack(cfg: TrainConfig, train: FrameData, dev: FrameData, out_dir: str
         from tqdm import tqdm
 
         model.train()
+        labelled_only = getattr(objective, "needs_labels", True)
+        prepare = getattr(objective, "prepare", None)
         while prog.epoch < cfg.epochs and any(prog.active):
             active = torch.tensor(prog.active, device=device)
-            nb = _num_batches(cfg, train)
+            nb = _num_batches(cfg, train, labelled_only)
             gen = _epoch_generator(data_seed, prog.epoch)
             t0 = time.time()
             bar = tqdm(total=nb, initial=prog.batch_in_epoch, desc=f"epoch {prog.epoch + 1}/{cfg.epochs}",
                        unit="batch", disable=(not cfg.progress or not main) or None, leave=False)
-            for batch in _batches(cfg, model, train, gen, shuffle=True, start_batch=prog.batch_in_epoch):
+            for batch in _batches(cfg, model, train, gen, shuffle=True, start_batch=prog.batch_in_epoch,
+                                  only_labelled=labelled_only):
+                if prepare is not None:
+                    batch = prepare(batch, _batch_generator(data_seed, prog.epoch, prog.batch_in_epoch))
                 gcount = (batch.labels >= 0).sum()
                 batch = _rank_slice(batch, rank, world, chunked)
                 n = (batch.labels >= 0).sum()
@@ -719,6 +752,30 @@ def compute_log_posteriors(model: StackedModel, data: FrameData, batch_size: int
     return out
 
 
+def mean_posteriors(model: StackedModel, data: FrameData, batch_size: int = 4096, dtype: str = "auto") -> np.ndarray:
+    """Per member, the mean posterior over every frame of ``data``: ``(M, pdfs)`` float64."""
+    acc = torch.zeros(model.num_members, model.num_pdfs, dtype=torch.float64)
+    for _, _, lp in iter_log_posteriors(model, data, batch_size, dtype):
+        acc += lp.exp().sum(dim=1).double().cpu()
+    return (acc / max(data.num_frames, 1)).numpy()
+
+
+def write_priors(model: StackedModel, data: FrameData, out_paths: Sequence[str | os.PathLike],
+                 batch_size: int = 4096, dtype: str = "auto", floor: float = 1e-8) -> list[Path]:
+    """Write each member's *posterior priors*: its mean posterior over the training frames, floored
+    and renormalised (Kaldi's nnet3-am-adjust-priors). A model trained on soft targets (or an
+    ensemble average) is calibrated to its own mean output, not to the hard labels' counts."""
+    from asr.io import atomic_save_npy
+
+    if len(out_paths) != model.num_members:
+        raise ValueError(f"{len(out_paths)} prior paths for {model.num_members} member(s)")
+    priors = np.maximum(mean_posteriors(model, data, batch_size, dtype), floor)
+    priors /= priors.sum(axis=1, keepdims=True)
+    for p, row in zip(out_paths, priors):
+        atomic_save_npy(p, row)
+    return [Path(p) for p in out_paths]
+
+
 def save_posteriors(model: StackedModel, data: FrameData, out_paths: Sequence[str | os.PathLike],
                     batch_size: int = 4096, dtype: str = "auto") -> list[Path]:
     """Write ``post/<set>.npy`` per member: float16 ``(num_frames_total, pdfs)`` log-posteriors.
@@ -783,7 +840,7 @@ def train_members(cfg: TrainConfig, feats_dir: str | os.PathLike, ali_dir: str |
         return [out_dir / n / "model.pt" for n in names]
     rank, world, device = _init_distributed(cfg.device)
     cfg = dataclasses.replace(cfg, device=device)
-    feats_dtype = torch.bfloat16 if device.startswith("cuda") and cfg.dtype != "float32" else torch.float32
+    feats_dtype = features_dtype(cfg)
     train = FrameData.from_dirs(feats_dir, ali_dir, cmvn=cfg.cmvn, device=device, dtype=feats_dtype)
     dev = FrameData.from_dirs(dev_feats_dir, dev_ali_dir, cmvn=cfg.cmvn, device=device, dtype=feats_dtype)
     log.info("train: %d frames (%d labelled), dev: %d frames (%d labelled), %s pdfs",
@@ -809,6 +866,10 @@ def train_members(cfg: TrainConfig, feats_dir: str | os.PathLike, ali_dir: str |
     if rank == 0:
         write_config(cfg, out_dir)
         rows = [read_json(out_dir / n / "summary.json") for n in names]
+        if all(r.get("complete") for r in rows):
+            stack = load_stack([out_dir / n / "model.pt" for n in names]).to(device)
+            write_priors(stack, train, [out_dir / n / "priors.npy" for n in names],
+                         batch_size=cfg.eval_batch_size, dtype=cfg.dtype)
         atomic_write_json(out_dir / "members.json", rows)
         if all(r.get("complete") for r in rows):
             mark_done(out_dir, {"config": config_hash(cfg), "members": names})
@@ -834,7 +895,7 @@ def _cli_posteriors(args: argparse.Namespace) -> int:
     data = FrameData.from_dirs(args.feats_dir, None, cmvn=args.cmvn, device=args.device)
     if data.feat_dim != model.input_feat_dim:
         raise SystemExit(f"{args.feats_dir}: features have dim {data.feat_dim}, model expects {model.input_feat_dim}")
-    paths = save_posteriors(model, data, args.out, batch_size=args.batch_size)
+    paths = save_posteriors(model, data, args.out, batch_size=args.batch_size, dtype=args.dtype)
     for p in paths:
         log.info("wrote %s (%d frames x %d pdfs, float16 log-posteriors)", p, data.num_frames, model.num_pdfs)
     return 0
@@ -871,4 +932,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--batch-size", type=int, default=4096)
     q.add_argument("--cmvn", default="speaker")
     q.add_argument("--threads", type=int, default=0)
+    q.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="bfloat16: bf16 autocast (fast on CUDA and CPUs with avx512_bf16)")
     q.set_defaults(func=_cli_posteriors)

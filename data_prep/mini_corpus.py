@@ -61,6 +61,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUBSETS: tuple[str, ...] = ("train-clean", "dev-clean", "test-clean", "test-other")
+# Unlabelled audio for distillation (its transcripts exist but distillation never reads them):
+# new speakers drawn like the training speakers, reading chapters no other subset reads.
+TRANSFER_SUBSET = "train-unlabeled"
 SAMPLE_RATE = 16000
 ENGINES: tuple[str, ...] = ("espeak-ng", "flite", "festival")
 
@@ -93,6 +96,8 @@ class MiniCorpusConfig:
     speed_range: tuple[float, ...] = (0.94, 1.06)
     level_dbfs: tuple[float, ...] = (-32.0, -18.0)    # active-speech RMS level of a speaker
     pad_s: tuple[float, ...] = (0.1, 0.5)             # leading / trailing silence
+    transfer_utts: int = 0                 # utterances of the unlabelled transfer subset (0: none)
+    transfer_speakers: int = 60
 
     def __post_init__(self) -> None:
         shares = self.shares
@@ -111,6 +116,13 @@ class MiniCorpusConfig:
                 raise ValueError(f"{name}={r}: expected a range (low, high)")
         if self.train_speakers < 1 or self.eval_speakers < 1:
             raise ValueError("train_speakers and eval_speakers must be >= 1")
+        if self.transfer_utts < 0 or self.transfer_speakers < 1:
+            raise ValueError("transfer_utts must be >= 0 and transfer_speakers >= 1")
+
+    @property
+    def subsets(self) -> tuple[str, ...]:
+        """The subsets this config builds: SUBSETS, plus the transfer subset when asked for."""
+        return SUBSETS + ((TRANSFER_SUBSET,) if self.transfer_utts else ())
 
     @property
     def shares(self) -> tuple[float, float, float, float]:
@@ -488,7 +500,41 @@ def plan_corpus(cfg: MiniCorpusConfig, lexicon: set[str] | None = None) -> Corpu
                     taken += 1
                     oov_taken += oov
                 need -= got
+    if cfg.transfer_utts:
+        _plan_transfer(cfg, order[next_chapter:], set(ids), len(speakers), lexicon, speakers, utts)
     return CorpusPlan(tuple(speakers), tuple(utts), frozenset(eval_chapters))
+
+
+def _plan_transfer(cfg: MiniCorpusConfig, chapters: Sequence[Chapter], used_ids: set[int], first_index: int,
+                   lexicon: set[str], speakers: list[SpeakerSpec], utts: list[UttSpec]) -> None:
+    """Add the transfer subset: ``transfer_speakers`` new training-like speakers (drawn from their
+    own random streams, so the other subsets stay byte-identical) reading chapters nobody else
+    reads (so no dev/test text)."""
+    rng = np.random.default_rng([cfg.seed, 3])
+    free = np.array(sorted(set(range(100, 10000)) - used_ids))
+    k = min(cfg.transfer_speakers, cfg.transfer_utts)
+    ids = rng.choice(free, size=k, replace=False).tolist()
+    quotas = [cfg.transfer_utts // k + (1 if j < cfg.transfer_utts % k else 0) for j in range(k)]
+    it = iter(chapters)
+    for j in range(k):
+        index = first_index + j
+        spk = _draw_speaker(np.random.default_rng([cfg.seed, 1, index]), str(ids[j]), TRANSFER_SUBSET, index, cfg)
+        speakers.append(spk)
+        need = quotas[j]
+        while need > 0:
+            chap = next(it, None)
+            if chap is None:
+                raise MiniCorpusError(f"ran out of KJV chapters for {cfg.transfer_utts} transfer utterances")
+            got = 0
+            for seg in segment_chapter(chap.verses, cfg.min_words, cfg.max_words):
+                if got >= min(need, cfg.max_utts_per_chapter):
+                    break
+                if any(w not in lexicon for w in seg.text.split()):
+                    continue
+                utts.append(UttSpec(f"{spk.id}-{chap.id}-{seg.index:04d}", spk.id, chap.id, TRANSFER_SUBSET,
+                                    seg.tts, seg.text, False, (cfg.seed, 2, index, chap.id, seg.index)))
+                got += 1
+            need -= got
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,10 +828,10 @@ def _finish(root: Path, cfg: MiniCorpusConfig, plan: CorpusPlan) -> Path:
     rows = [f"{s.id:<5}| {s.voice.sex} | {s.subset:<16} | {minutes.get(s.id, 0.0):5.2f} | {s.description}"
             for s in sorted(plan.speakers, key=lambda s: int(s.id))]
     atomic_write_text(root / "SPEAKERS.TXT", _SPEAKERS_HEADER + "\n".join(rows) + "\n")
-    eval_texts = frozenset(u.text for u in plan.utts if u.subset != SUBSETS[0])
+    eval_texts = frozenset(u.text for u in plan.utts if u.subset not in (SUBSETS[0], TRANSFER_SUBSET))
     atomic_write_text(root / "lm_text.txt", _lm_text(load_kjv(), plan.eval_chapters, eval_texts))
     stats: dict = {"seed": cfg.seed, "subsets": {}, "speakers": {}}
-    for subset in SUBSETS:
+    for subset in cfg.subsets:
         utts = [u for u in plan.utts if u.subset == subset]
         stats["subsets"][subset] = {
             "num_utts": len(utts),
@@ -816,6 +862,8 @@ def _cli(args: argparse.Namespace) -> int:
         overrides["seed"] = args.seed
     if args.num_utts is not None:
         overrides["num_utts"] = args.num_utts
+    if args.transfer_utts is not None:
+        overrides["transfer_utts"] = args.transfer_utts
     cfg = load_config(MiniCorpusConfig, args.config, overrides)
     log.info("config: %s", json.dumps(config_to_dict(cfg)))
     build_mini_corpus(args.out_dir, cfg, nj=args.nj)
@@ -828,6 +876,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out-dir", required=True, help="corpus folder, e.g. exp/mini/corpus")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: config's)")
     p.add_argument("--num-utts", type=int, default=None, help="number of utterances (default: config's)")
+    p.add_argument("--transfer-utts", type=int, default=None,
+                   help=f"utterances of the unlabelled {TRANSFER_SUBSET} subset for distillation (default: config's)")
     p.add_argument("--nj", type=int, default=1, help="parallel synthesis processes")
     p.add_argument("--config", default=None, help="YAML file of MiniCorpusConfig fields")
     p.add_argument("override", nargs="*", help="key=value config overrides")

@@ -154,7 +154,7 @@ def test_index_dtype_widens_for_many_pdfs():
 def test_topk_cache_source():
     q2, q5 = _probs(rows=30, t=2.0), _probs(rows=30, t=5.0)
     cache = TopKCache([TopKTargets(*topk_from_probs(q, 4), temperature=t, k=4, num_pdfs=PDFS)
-                       for q, t in ((q2, 2.0), (q5, 5.0))])
+                       for q, t in ((q2, 2.0), (q5, 5.0))], tail="uniform")
     assert cache.temperatures == [2.0, 5.0]
     idx = torch.tensor([3, 0, 29, 3])
     batch = SimpleNamespace(frame_idx=idx)
@@ -229,18 +229,14 @@ def test_distill_loss_equals_hand_computation():
     z = logits.double().numpy()
     for m, t in enumerate(temps):
         total = 0.0
-        n = 0
-        for r in range(rows):
-            if labels[r] < 0:
-                continue
+        for r in range(rows):       # the soft term on every row, the hard term where there is a label
             zt = z[m, r] / t
             log_p_t = zt - math.log(np.exp(zt).sum())
-            soft = -float((q[t][r].double().numpy() * log_p_t).sum())
-            log_p = z[m, r] - math.log(np.exp(z[m, r]).sum())
-            hard = -log_p[int(labels[r])]
-            total += t * t * soft + 0.5 * hard
-            n += 1
-        assert float(got[m]) == pytest.approx(total / n, rel=1e-5)
+            total += t * t * -float((q[t][r].double().numpy() * log_p_t).sum())
+            if labels[r] >= 0:
+                log_p = z[m, r] - math.log(np.exp(z[m, r]).sum())
+                total += 0.5 * -log_p[int(labels[r])]
+        assert float(got[m]) == pytest.approx(total / rows, rel=1e-5)
 
 
 def test_distill_loss_gradient_and_eval_source():
@@ -251,8 +247,7 @@ def test_distill_loss_gradient_and_eval_source():
     obj = DistillObjective([1.0, 1.0], 0.0, train_src, eval_source=eval_src)
     obj(logits, SimpleNamespace(labels=labels)).sum().backward()
     assert logits.grad is not None and train_src.asked == [1.0] and eval_src.asked == []
-    with torch.no_grad():
-        loss_eval = obj(logits, SimpleNamespace(labels=labels))
+    loss_eval = obj.for_evaluation()(logits.detach(), SimpleNamespace(labels=labels))
     assert eval_src.asked == [1.0]
     # With one-hot targets, T=1 and hard_weight 0 the loss is the plain cross-entropy.
     ce = torch.nn.functional.cross_entropy(logits.detach()[0], labels)
@@ -362,3 +357,84 @@ def test_student_config_overrides_apply_on_top_of_the_teachers():
 
     cfg = _train_config_for({"train_config": {"arch": "medium", "epochs": 7, "lr": 0.01}}, None, {"epochs": "1"})
     assert (cfg.arch, cfg.epochs, cfg.lr) == ("medium", 1, 0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k without a flat tail, transfer rows, posterior priors, a quality floor
+
+
+def test_cached_targets_match_online_at_t5_and_the_bucket_loss_is_exact():
+    """T = 5 spreads mass far outside the top k: with every pdf cached the targets equal the online
+    ones (fp16 rounding, atol 1e-3); with k < pdfs the bucket loss is the cross-entropy with the
+    pdfs outside the top k merged into one class, while a uniform tail changes the loss."""
+    from asr.distill import BucketTargets, soft_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, PDFS, generator=g) * 3
+    online = soft_targets(logits, 5.0)
+    full = TopKCache([TopKTargets(*topk_from_probs(online, PDFS), 5.0, PDFS, PDFS)])
+    got = full.targets(SimpleNamespace(frame_idx=torch.arange(40)), 5.0)
+    torch.testing.assert_close(got.probs, online, atol=1e-3, rtol=0)
+    assert float(got.rest.max()) < 1e-3
+
+    k = 3
+    cache = TopKCache([TopKTargets(*topk_from_probs(online, k), 5.0, k, PDFS)], tail="bucket")
+    q = cache.targets(SimpleNamespace(frame_idx=torch.arange(40)), 5.0)
+    assert isinstance(q, BucketTargets) and int(q.support.sum(1).max()) == k
+    log_p = torch.log_softmax(torch.randn(40, PDFS, generator=g), -1)
+    support = q.support
+    tail_p = (log_p.exp() * ~support).sum(1)
+    hand = -(online * support * log_p).sum(1) - (online * ~support).sum(1) * tail_p.log()
+    torch.testing.assert_close(soft_cross_entropy(q, log_p), hand, atol=2e-3, rtol=1e-3)
+    uniform = TopKCache([TopKTargets(*topk_from_probs(online, k), 5.0, k, PDFS)], tail="uniform")
+    flat = soft_cross_entropy(uniform.targets(SimpleNamespace(frame_idx=torch.arange(40)), 5.0), log_p)
+    assert float((flat - hand).abs().max()) > 1e-2
+
+
+def test_unlabelled_rows_get_the_soft_term_only():
+    src = _FixedSource({1.0: torch.full((4, 3), 1 / 3)})
+    obj = DistillObjective([1.0], 1.0, src)
+    assert obj.needs_labels is False
+    z = torch.randn(1, 4, 3)
+    lab = obj(z, SimpleNamespace(labels=torch.tensor([0, 1, 2, 0])))
+    unl = obj(z, SimpleNamespace(labels=torch.tensor([-1, -1, -1, -1])))
+    soft = -(torch.full((4, 3), 1 / 3) * torch.log_softmax(z[0], -1)).sum(-1).mean()
+    assert float(unl[0]) == pytest.approx(float(soft), rel=1e-6)
+    assert float(lab[0]) > float(unl[0])
+
+
+def test_posterior_priors_are_the_mean_posterior():
+    from asr.train import write_priors
+
+    data = _data(5, seed=3)
+    model = build_stack(ARCH, FEAT, PDFS, [4, 5])
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        paths = write_priors(model, data, [Path(d) / "a.npy", Path(d) / "b.npy"], batch_size=17)
+        got = [np.load(p) for p in paths]
+    with torch.no_grad():
+        x = splice(data.feats, torch.arange(data.num_frames), ARCH.left, ARCH.right, data.utt_start, data.utt_end)
+        want = torch.softmax(model(x), -1).mean(1).double().numpy()
+    for m in range(2):
+        np.testing.assert_allclose(got[m], want[m], rtol=1e-5)
+        assert got[m].sum() == pytest.approx(1.0)
+
+
+def test_student_beats_the_member_mean_on_a_fixed_task(tiny_setup):
+    """A quality floor: on the tiny noisy task, the distilled student (online targets, transfer
+    frames) must beat the average member on dev frame accuracy; it fails if distillation breaks."""
+    tmp_path, teachers, sets = tiny_setup
+    members = [json.loads((p.parent / "summary.json").read_text())["best_dev_acc"] for p in teachers]
+    sets["transfer"] = FrameData(_data(60, seed=9).feats, torch.full((_data(60, seed=9).num_frames,), -1,
+                                                                      dtype=torch.int64),
+                                 _data(60, seed=9).utt_start, _data(60, seed=9).utt_end, None)
+    cfg = DistillConfig(temperatures=(2.0,), soft_targets="online", seed=7, epochs=8)
+    paths = distill(cfg, tmp_path / "train", tmp_path / "ali", tmp_path / "dev", tmp_path / "ali-dev", teachers,
+                    tmp_path / "student", transfer_feats_dirs=[tmp_path / "transfer"])
+    student = json.loads((paths[0].parent / "summary.json").read_text())["best_dev_acc"]
+    assert student > float(np.mean(members)) + 0.005, (student, members)
+    diag = json.loads((tmp_path / "student" / "diagnostics.json").read_text())
+    assert diag["dev"]["students"]["T2"]["agreement"] > 0.5
+    assert (paths[0].parent / "priors.npy").is_file()

@@ -149,3 +149,24 @@ def test_cli(tmp_path):
     for k in (1, 2, 3):
         assert (tmp_path / "ens" / f"post_{k}" / "dev.npy").is_file()
     assert "mode: geometric" in (tmp_path / "ens" / "config.yaml").read_text()
+
+
+def test_ensemble_priors_and_frame_accuracy(tmp_path):
+    """An arithmetic ensemble's posterior priors are the mean of its members'; every size gets its
+    frame accuracy against the reference labels without decoding."""
+    from asr.labels import write_labels
+
+    members = _write_members(tmp_path, ["dev"], m=3, n=30, p=5)
+    g = np.random.default_rng(5)
+    for d in members:
+        pri = g.dirichlet(np.ones(5))
+        np.save(d / "priors.npy", pri)
+    labels = g.integers(-1, 5, size=30)
+    write_labels(tmp_path / "ali" / "dev", labels, {}, num_pdfs=5, num_utts=1)
+    got = write_ensemble(members, ["dev"], tmp_path / "ens", sizes=[2], ali_root=tmp_path / "ali")
+    expected = np.mean([np.load(d / "priors.npy") for d in members[:2]], axis=0)
+    np.testing.assert_allclose(np.load(got[2] / "priors.npy"), expected / expected.sum(), rtol=1e-12)
+    post = np.load(got[2] / "dev.npy").astype(np.float32)
+    ok = labels >= 0
+    want = 100.0 * float((post.argmax(1) == labels)[ok].mean())
+    assert json.loads((got[2] / "frame_acc.json").read_text())["frame_acc"]["dev"] == pytest.approx(want)

@@ -180,3 +180,24 @@ def test_resume_synthesises_only_missing_utterances(tiny_corpus, tmp_path, monke
     assert (root / ".done").is_file()
     with pytest.raises(mc.MiniCorpusError, match="another config"):
         build_mini_corpus(root, MiniCorpusConfig(seed=5, **TINY), nj=1)
+
+
+def test_transfer_subset_adds_new_speakers_and_leaves_the_rest_unchanged():
+    """The unlabelled transfer subset: new training-like speakers, chapters nobody else reads (so no
+    dev/test text), and every other subset identical to the corpus built without it."""
+    from data_prep.mini_corpus import TRANSFER_SUBSET
+
+    base = plan_corpus(MiniCorpusConfig(num_utts=200))
+    plan = plan_corpus(MiniCorpusConfig(num_utts=200, transfer_utts=120, transfer_speakers=10))
+    assert [u for u in plan.utts if u.subset != TRANSFER_SUBSET] == list(base.utts)
+    assert [s for s in plan.speakers if s.subset != TRANSFER_SUBSET] == list(base.speakers)
+    extra = [u for u in plan.utts if u.subset == TRANSFER_SUBSET]
+    extra_spk = {s.id for s in plan.speakers if s.subset == TRANSFER_SUBSET}
+    assert len(extra) == 120 and len(extra_spk) == 10
+    assert not extra_spk & {s.id for s in base.speakers}
+    assert not {u.chapter for u in extra} & {u.chapter for u in base.utts}
+    eval_texts = {u.text for u in base.utts if u.subset != "train-clean"}
+    assert not {u.text for u in extra} & eval_texts
+    other_voices = {s.voice for s in plan.speakers if s.subset == "test-other"}
+    assert not {s.voice for s in plan.speakers if s.subset == TRANSFER_SUBSET} & other_voices
+    assert MiniCorpusConfig(transfer_utts=5).subsets[-1] == TRANSFER_SUBSET

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Stages 1-9 of the hybrid HMM/DNN distillation recipe, shared by recipes/librispeech and
 # recipes/mini. Sourced by their run.sh after options are parsed; it expects these variables:
-#   exp corpus_dir train_set dev_sets test_sets conf train_conf nj members device ngpu
-#   ensemble_sizes temperatures soft_targets lexicon_extra vocab_file lm_text arpa train_overrides
+#   exp corpus_dir train_set dev_sets test_sets transfer_sets conf train_conf nj members device ngpu
+#   ensemble_sizes decode_ensemble_sizes students lexicon_extra vocab_file lm_text arpa train_overrides
 #   gmm_acwt_grid nn_acwt_grid
 #   stage stop_stage
 # Every step is one `asr` call with explicit inputs and one output dir, skipped by run_step when
 # its stamp (command + config + upstream stamps) is unchanged.
 
-all_sets="$train_set $dev_sets $test_sets"
+labelled_sets="$train_set $dev_sets $test_sets"
+all_sets="$labelled_sets $transfer_sets"      # transfer sets: audio only (distillation never reads their text)
 eval_sets="$dev_sets $test_sets"
 tune_set=${dev_sets%% *}          # acwt is tuned on the first dev set, never on test
 data=$exp/data
@@ -20,7 +21,7 @@ if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   run_step "$data/manifests" "" -- \
     "${asr[@]}" prepare-librispeech --corpus-dir "$corpus_dir" --subsets "$(echo $all_sets | tr ' ' ,)" \
       --out-dir "$data" --nj "$nj"
-  manifests=(); for s in $all_sets; do manifests+=("$data/$s/manifest.jsonl"); done
+  manifests=(); for s in $labelled_sets; do manifests+=("$data/$s/manifest.jsonl"); done
   extra=(); [ -n "$lexicon_extra" ] && [ -f "$lexicon_extra" ] && extra=(--extra "$lexicon_extra")
   run_step "$data/local" "$data/manifests $conf/lexicon.yaml" -- \
     "${asr[@]}" prepare-lexicon --out "$data/local" --config "$conf/lexicon.yaml" "${extra[@]}" \
@@ -94,35 +95,34 @@ fi
 member_dirs=(); for i in $(seq 1 "$members"); do member_dirs+=("$exp/members/seed$i"); done
 teachers=(); for d in "${member_dirs[@]}"; do teachers+=("$d/model.pt"); done
 
-# ---- stage 6: ensembles of the first k members; top-k soft-target caches
+# ---- stage 6: ensembles of the first k members (posteriors, priors, frame accuracy for every k)
 if [ "$stage" -le 6 ] && [ "$stop_stage" -ge 6 ]; then
-  log "stage 6: ensembles ($ensemble_sizes) and soft targets"
+  log "stage 6: ensembles ($ensemble_sizes)"
   post_stamps=""; for s in $eval_sets; do post_stamps+=" $exp/members/post_$s"; done
   run_step "$exp/ensemble" "$post_stamps" -- \
     "${asr[@]}" ensemble --members "${member_dirs[@]}" --sets $eval_sets --out-dir "$exp/ensemble" \
-      --sizes "$ensemble_sizes"
-  if [ "$soft_targets" = cache ]; then
-    run_step "$exp/soft_targets" "$exp/members $conf/distill.yaml" -- \
-      "${asr[@]}" soft-targets --teachers "${teachers[@]}" --feats "$exp/feats/$train_set" \
-        --out-dir "$exp/soft_targets" --temperatures "$temperatures" --device "$device"
-  fi
+      --sizes "$ensemble_sizes" --ali-root "$exp/ali"
 fi
 
-# ---- stage 7: distilled students, one per temperature, trained together
+# ---- stage 7: distilled students: one folder per variant ($students), each a conf/<variant>.yaml;
+# a variant sweeping several temperatures trains them stacked and keeps the best on dev.
 if [ "$stage" -le 7 ] && [ "$stop_stage" -ge 7 ]; then
-  log "stage 7: distillation, T in {$temperatures}"
   first_dev=${dev_sets%% *}
   posts=(); for s in $eval_sets; do posts+=(--post "$s=$exp/feats/$s"); done
-  cache=(); inputs="$exp/members $conf/distill.yaml"
-  [ "$soft_targets" = cache ] && cache=(--cache-dir "$exp/soft_targets") && inputs+=" $exp/soft_targets"
-  run_step "$exp/distill" "$inputs" -- \
-    "${asr[@]}" distill --teachers "${teachers[@]}" --train-feats "$exp/feats/$train_set" \
-      --train-ali "$exp/ali/$train_set" --dev-feats "$exp/feats/$first_dev" --dev-ali "$exp/ali/$first_dev" \
-      --out-dir "$exp/distill" --temperatures "$temperatures" --soft-targets "$soft_targets" "${cache[@]}" \
-      --config "$conf/distill.yaml" --device "$device" "${distill_set_opts[@]}" "${posts[@]}"
+  transfer=(); transfer_stamps=""
+  for s in $transfer_sets; do transfer+=("$exp/feats/$s"); transfer_stamps+=" $exp/feats/$s"; done
+  [ ${#transfer[@]} -gt 0 ] && transfer=(--transfer-feats "${transfer[@]}")
+  for variant in $students; do
+    log "stage 7: distillation ($variant, $conf/$variant.yaml)"
+    run_step "$exp/$variant" "$exp/members $conf/$variant.yaml$transfer_stamps" -- \
+      "${asr[@]}" distill --teachers "${teachers[@]}" --train-feats "$exp/feats/$train_set" \
+        --train-ali "$exp/ali/$train_set" --dev-feats "$exp/feats/$first_dev" --dev-ali "$exp/ali/$first_dev" \
+        --out-dir "$exp/$variant" "${transfer[@]}" --config "$conf/$variant.yaml" --device "$device" \
+        "${distill_set_opts[@]}" "${posts[@]}"
+  done
 fi
 
-# ---- stage 8: decode every system on every dev/test set (acwt tuned on $tune_set, never on test)
+# ---- stage 8: decode every system on every dev/test set (acwt and priors tuned on $tune_set, never on test)
 # One `asr decode` call per family of systems, so its decoding workers load HCLG once.
 if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   log "stage 8: decoding"
@@ -130,33 +130,36 @@ if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   steps=$exp/decode/.steps              # stamps and logs of the multi-system steps
   run_step "$exp/decode/gmm-mono" "$exp/gmm_mono $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/gmm_mono" --tune-set "$tune_set" --acwt-grid "$gmm_acwt_grid"
-  # Members share one architecture and recipe: member 1 tunes acwt, the others reuse it.
+  # Members share one architecture and recipe: member 1 tunes acwt and priors, the others reuse them.
   run_step "$exp/decode/member-seed1" "$exp/members $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/members/seed1" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
   if [ "$members" -gt 1 ]; then
     run_step "$steps/members" "$exp/decode/member-seed1" -- \
       "${dec[@]}" --system "${member_dirs[@]:1}" --acwt-from "$exp/decode/member-seed1/tune.json"
   fi
-  # Ensembles: the largest tunes acwt, the smaller ones (the size curve) reuse it.
-  sizes=$(echo "$ensemble_sizes" | tr , '\n' | sort -n)
-  kmax=$(echo "$sizes" | tail -1)
+  # Ensembles: the largest tunes, the few others decoded for WER reuse its choice (every size has
+  # frame accuracy from stage 6, which is what the ensemble-size curve plots).
+  kmax=$(echo "$ensemble_sizes" | tr , '\n' | sort -n | tail -1)
   run_step "$exp/decode/ensemble-$kmax" "$exp/ensemble $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/ensemble/post_$kmax" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
-  smaller=(); for k in $sizes; do [ "$k" -gt 1 ] && [ "$k" -lt "$kmax" ] && smaller+=("$exp/ensemble/post_$k"); done
+  smaller=(); for k in $(echo "$decode_ensemble_sizes" | tr , ' '); do
+    case ",$ensemble_sizes," in *",$k,"*) [ "$k" -gt 1 ] && [ "$k" -lt "$kmax" ] && smaller+=("$exp/ensemble/post_$k");; esac
+  done
   if [ ${#smaller[@]} -gt 0 ]; then
     run_step "$steps/ensembles" "$exp/decode/ensemble-$kmax" -- \
       "${dec[@]}" --system "${smaller[@]}" --acwt-from "$exp/decode/ensemble-$kmax/tune.json"
   fi
-  # Students: each temperature calibrates its posteriors differently, so each tunes its own acwt.
-  students=(); for t in $(echo "$temperatures" | tr , ' '); do
-    students+=("$exp/distill/$(python3 -c "print(f'T{float($t):g}')")"); done
-  run_step "$steps/distilled" "$exp/distill $exp/graph $conf/decode.yaml" -- \
-    "${dec[@]}" --system "${students[@]}" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
+  # Students: each variant's chosen student tunes its own acwt and priors (soft training changes
+  # its calibration).
+  for variant in $students; do
+    run_step "$steps/$variant" "$exp/$variant $exp/graph $conf/decode.yaml" -- \
+      "${dec[@]}" --system "$exp/$variant" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
+  done
 fi
 
 # ---- stage 9: RESULTS.md, results.json, plots; print the table
 if [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
   log "stage 9: report"
-  "${asr[@]}" report --exp-dir "$exp" --sets $eval_sets
+  "${asr[@]}" report --exp-dir "$exp" --sets $eval_sets --students $students
   log "wrote $exp/RESULTS.md and $exp/results.json"
 fi

@@ -28,7 +28,9 @@ train_config=hinton2015             # conf/<name>.yaml: hinton2015 (the paper's 
 members=10
 ensemble_sizes=1,2,3,4,5,6,7,8,9,10
 temperatures=1,2,5,10
-soft_targets=cache                  # cache (top-k files, one teacher pass) | online
+students="distill_paper distill"    # student variants: conf/<name>.yaml each, trained into $exp/<name>
+transfer_subsets=""                 # unlabelled transfer sets for distillation, e.g. train-clean-360,train-other-500
+decode_ensemble_sizes=2,5
 device=cuda
 ngpu=1
 train_overrides=""
@@ -48,6 +50,7 @@ fi
 dev_sets="dev-clean dev-other"
 test_sets="test-clean test-other"
 train_set=$(echo "$train_subsets" | tr , +)     # one training set; several subsets are merged
+transfer_sets=$(echo "$transfer_subsets" | tr , ' ')
 case $lm in
   tgsmall) arpa=$lm_dir/3-gram.pruned.3e-7.arpa.gz ;;
   tgmed) arpa=$lm_dir/3-gram.pruned.1e-7.arpa.gz ;;
@@ -65,7 +68,7 @@ if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ]; then
   if [ -n "$download_dir" ]; then
     log "stage 0: download LibriSpeech to $download_dir"
     asr download-librispeech --target-dir "$download_dir" \
-      --subsets "$(echo "$dev_sets $test_sets" | tr ' ' ,),$train_subsets"
+      --subsets "$(echo "$dev_sets $test_sets $transfer_sets" | tr ' ' ,),$train_subsets"
   fi
   [ -d "$corpus_dir" ] || { echo "$0: $corpus_dir does not exist" >&2; exit 1; }
   log "stage 0: using LibriSpeech at $corpus_dir"

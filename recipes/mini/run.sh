@@ -18,15 +18,17 @@ exp=exp/mini                         # every output goes under this folder
 conf=recipes/mini/conf
 seed=1                               # corpus seed
 num_utts=1600                        # corpus size (utterances over all subsets)
+transfer_utts=2400                   # unlabelled transfer subset for distillation (0: none)
 members=10                           # ensemble members (seeds 1..N)
 ensemble_sizes=1,2,3,4,5,6,7,8,9,10  # ensemble-size curve (first k members)
 temperatures=1,2,5,10                # distillation sweep
-soft_targets=cache                   # cache (top-k files, one teacher pass) | online (teachers in the loop)
+students="distill_paper distill"     # student variants: conf/<name>.yaml each, trained into $exp/<name>
 device=cpu
 ngpu=1
 train_overrides=""                   # extra TrainConfig key=value pairs, e.g. "epochs=1" (smoke runs)
-gmm_acwt_grid=0.06,0.08,0.1
+gmm_acwt_grid=0.06,0.08,0.1         # acwt grids tried on dev; they widen by themselves at an edge
 nn_acwt_grid=0.12,0.16,0.2
+decode_ensemble_sizes=2,5            # ensembles decoded for WER besides the largest (all get frame accuracy)
 help_message="Usage: $0 [--stage N] [--stop-stage N] [--nj N] [--exp DIR] [--num-utts N] [--members N] ..."
 
 . recipes/common/parse_options.sh
@@ -37,6 +39,7 @@ corpus_dir=$exp/corpus
 train_set=train-clean
 dev_sets="dev-clean"
 test_sets="test-clean test-other"
+transfer_sets=""; [ "$transfer_utts" -gt 0 ] && transfer_sets=train-unlabeled
 lexicon_extra=""                     # no librispeech-lexicon.txt for the mini corpus: CMUdict only
 lm_text=$corpus_dir/lm_text.txt
 vocab_file=$lm_text                  # lexicon and LM cover the words of the LM text ...
@@ -48,8 +51,8 @@ t0=$SECONDS
 if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ]; then
   log "stage 0: synthetic corpus ($num_utts utterances, seed $seed)"
   run_step "$corpus_dir" "$conf/corpus.yaml" -- \
-    asr build-mini-corpus --out-dir "$corpus_dir" --seed "$seed" --num-utts "$num_utts" --nj "$nj" \
-      --config "$conf/corpus.yaml"
+    asr build-mini-corpus --out-dir "$corpus_dir" --seed "$seed" --num-utts "$num_utts" \
+      --transfer-utts "$transfer_utts" --nj "$nj" --config "$conf/corpus.yaml"
 fi
 
 . recipes/common/pipeline.sh
