@@ -55,7 +55,7 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Kaldi's HMM bindings must be imported before kaldifst (DESIGN.md section 4).
+    # Kaldi's HMM bindings must be imported before kaldifst (docs/DESIGN.md section 4).
     import kaldi_hmm_gmm  # noqa: F401
 
     argv = sys.argv[1:] if argv is None else argv

@@ -9,7 +9,7 @@ come from a :class:`SoftTargetSource`:
 - :class:`TopKCache` reads targets written once by :func:`write_soft_target_caches`: per frame the
   ``k`` largest probabilities (fp16) and their pdf ids (int16 / int32) plus the remaining mass
   (fp32). As a target, the remaining mass is spread uniformly over the pdfs outside the top k.
-  Dense caching does not scale (DESIGN.md section 3: ~300 GB on train-clean-100), top-k does.
+  Dense caching does not scale (docs/docs/DESIGN.md section 3: ~300 GB on train-clean-100), top-k does.
 
 The student loss (per student ``m``, mean over labelled rows of the batch)::
 
@@ -360,7 +360,7 @@ def compute_topk_targets(
 @dataclass(frozen=True)
 class SoftTargetConfig:
     temperatures: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
-    k: int = 20                       # top-k kept per frame (DESIGN.md section 3: 10..50)
+    k: int = 20                       # top-k kept per frame (docs/docs/DESIGN.md section 3: 10..50)
     batch_size: int = 4096            # frames per teacher forward pass
     cmvn: str = "speaker"
 
@@ -379,7 +379,7 @@ def write_soft_target_caches(
     ``data``: the set of ``feats_dir`` already in memory (saves loading it a second time).
 
     ``info.json`` records the cache bytes, what dense fp16 caching would take, and the mean mass
-    kept in the top k, so the size argument of DESIGN.md section 3 is measured, not assumed.
+    kept in the top k, so the size argument of docs/DESIGN.md section 3 is measured, not assumed.
     """
     from asr.frames import FrameData
 
@@ -528,6 +528,7 @@ class DistillConfig:
     lr: Optional[float] = None
     threads: int = 0                  # torch threads (0: leave as is)
     transfer: bool = True             # learn from the --transfer-feats sets given (false: training frames only)
+    train_frames: bool = True         # learn from the training frames too (false: the transfer sets only)
     # Function matching (online targets only): augmentation shared by teachers and student.
     freq_mask: int = 0
     time_mask: int = 0
@@ -603,15 +604,18 @@ def _student_data(train_cfg: Any, cfg: DistillConfig, train_feats_dir: str | os.
     train = FrameData.from_dirs(train_feats_dir, train_ali_dir, cmvn=cfg.cmvn, device=train_cfg.device, dtype=dtype)
     if train.feat_dim != feat_dim:
         raise DistillError(f"{train_feats_dir}: features have dim {train.feat_dim}, the teachers expect {feat_dim}")
-    parts = [train]
+    parts = [train] if cfg.train_frames else []
     for d in transfer_feats_dirs:
         extra = FrameData.from_dirs(d, None, cmvn=cfg.cmvn, device=train_cfg.device, dtype=dtype)
         if extra.feat_dim != feat_dim:
             raise DistillError(f"{d}: transfer features have dim {extra.feat_dim}, the teachers expect {feat_dim}")
         parts.append(extra)
-    if len(parts) > 1:
-        log.info("transfer set: %d unlabelled frames beside %d training frames",
-                 sum(p.num_frames for p in parts[1:]), train.num_frames)
+    if not parts:
+        raise DistillError("train_frames: false needs transfer sets (--transfer-feats) to learn from")
+    if len(parts) > 1 or not cfg.train_frames:
+        n_transfer = sum(p.num_frames for p in parts) - (train.num_frames if cfg.train_frames else 0)
+        log.info("students learn from %d unlabelled transfer frames%s", n_transfer,
+                 f" and {train.num_frames} training frames" if cfg.train_frames else " only")
     return train, FrameData.concat(parts, num_pdfs=train.num_pdfs)
 
 
@@ -628,6 +632,12 @@ def _soft_target_source(cfg: DistillConfig, teachers: TeacherEnsemble, teacher_p
         raise DistillError(f"{cache_dir}: caches hold {cache.num_frames} frames, the student's training "
                            f"data has {data.num_frames} (delete the cache to rebuild it)")
     return cache
+
+
+def _run_hash(cfg: DistillConfig) -> str:
+    """The config hash that names a distillation run: runtime fields (threads) may change between a
+    run and its resume."""
+    return config_hash(dataclasses.replace(cfg, threads=0))
 
 
 def _write_choice(out_dir: Path, cfg: DistillConfig, names: Sequence[str], paths: Sequence[Path],
@@ -700,7 +710,10 @@ def distill(
     post_sets = dict(post_sets or {})
     transfer = [str(d) for d in transfer_feats_dirs] if cfg.transfer else []
     model_paths = [out_dir / n / "model.pt" for n in names]
-    done_key = {"config_hash": config_hash(cfg) + "-" + config_hash(train_cfg),
+    from asr.train import RUNTIME_FIELDS
+
+    stable_train = dataclasses.replace(train_cfg, **{f: getattr(type(train_cfg)(), f) for f in RUNTIME_FIELDS})
+    done_key = {"config_hash": _run_hash(cfg) + "-" + config_hash(stable_train),
                 "teachers": [str(p) for p in teacher_paths], "post_sets": sorted(post_sets), "transfer": transfer}
     if is_done(out_dir):
         info = read_json(out_dir / ".done")
@@ -726,7 +739,7 @@ def distill(
     metas = [{**common, "temperature": float(t)} for t in cfg.temperatures]
     paths = [Path(p) for p in train_stack(train_cfg, student_data, dev, out_dir, seeds=[cfg.seed] * len(names),
                                           objective=objective, member_names=names, extra_meta=metas,
-                                          state_dir=out_dir / f"train-{config_hash(cfg)}")]
+                                          state_dir=out_dir / f"train-{_run_hash(cfg)}")]
     del source, objective, student_data
 
     students = load_stack(paths).to(device)

@@ -16,7 +16,7 @@ GMM features are derived from the stored log-mel fbank: 13 cepstra (DCT-II, Kald
 Kaldi MFCC without the energy term), per-speaker cepstral mean normalisation, deltas and
 delta-deltas (39 dims).
 
-Alignment failures are never silent (DESIGN.md section 8): the failure flag and the alignment length
+Alignment failures are never silent (docs/DESIGN.md section 8): the failure flag and the alignment length
 are checked for every utterance, and each utterance left out is listed with its reason.
 
 Example::
@@ -91,7 +91,7 @@ class GmmConfig:
     total_gauss: int = 1000          # target number of Gaussians in total
     realign_iters: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14)
     subset_utts: int = 600           # train on the N shortest utterances (0 = all; Kaldi: 2000 of 28k)
-    beam: float = 100.0              # Viterbi beam (wide: narrow beams fail silently, DESIGN.md)
+    beam: float = 100.0              # Viterbi beam (wide: narrow beams fail silently, docs/DESIGN.md section 8)
     retry_beam: float = 400.0
     acoustic_scale: float = 0.1
     transition_scale: float = 1.0

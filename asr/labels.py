@@ -4,7 +4,7 @@ The on-disk layout is docs/FORMATS.md "Frame labels": ``ali/<set>/labels.npy`` i
 store's global frame order with -1 for frames of utterances left out, ``failed.txt`` naming every
 utterance left out with the reason, ``info.json``, and for the training set ``priors.npy``.
 
-Priors must come from exactly the labels the network is trained on (DESIGN.md section 4): a hybrid
+Priors must come from exactly the labels the network is trained on (docs/DESIGN.md section 4): a hybrid
 system divides posteriors by them, so a prior from other labels boosts the wrong pdfs.
 """
 

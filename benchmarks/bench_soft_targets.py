@@ -6,7 +6,7 @@ same seed, temperature and data order, and prints the cache size (against dense 
 students' dev frame accuracy difference.
 
     nice .venv/bin/python benchmarks/bench_soft_targets.py                       # synthetic, ~1-2 min
-    nice .venv/bin/python benchmarks/bench_soft_targets.py --k 5 10 20 --pdfs 200
+    nice .venv/bin/python benchmarks/bench_soft_targets.py --k 5 20 --temperature 1 2 5 10
     .venv/bin/python benchmarks/bench_soft_targets.py --exp-dir exp/mini --train-set train-clean \\
         --dev-set dev-clean                                                      # the recipe's teachers
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asr.distill import (DistillConfig, DistillObjective, TeacherEnsemble, TopKCache, compute_topk_targets,
-                         distill, write_topk)
+from asr.distill import (TAILS, DistillConfig, DistillObjective, TeacherEnsemble, TopKCache,
+                         compute_topk_targets, distill, write_topk)
 from asr.frames import FrameData
 from asr.models import load_stack
 from asr.train import TrainConfig, train_stack
@@ -62,25 +62,28 @@ def run_synthetic(args: argparse.Namespace) -> None:
               f"{args.members} teachers trained in {time.time() - t0:.0f} s")
         members = [best_dev_acc(p) for p in teachers]
         print(f"teachers' dev frame acc: mean {np.mean(members):.2f}%")
-        caches = {k: compute_topk_targets(teacher, train, [args.temperature], k)[0] for k in args.k}
-        results = {}
-        t0 = time.time()
         online = TeacherEnsemble(teacher)
-        p = train_stack(cfg, train, dev, tmp / "online", seeds=[1000],
-                        objective=DistillObjective([args.temperature], 0.5, online))
-        results["online"] = best_dev_acc(p[0])
-        print(f"student online: dev frame acc {results['online']:.2f}% ({time.time() - t0:.0f} s)")
         dense = 2 * train.num_frames * args.pdfs
-        for k, c in caches.items():
-            path = write_topk(tmp / f"topk_k{k}.npz", c)
+        print(f"{'T':>4} {'online':>8} " + " ".join(f"{f'k={k} {tail}':>16}" for k in args.k for tail in TAILS))
+        for t in args.temperature:
             t0 = time.time()
-            obj = DistillObjective([args.temperature], 0.5, TopKCache([c]), eval_source=online)
-            p = train_stack(cfg, train, dev, tmp / f"cache{k}", seeds=[1000], objective=obj)
-            acc = best_dev_acc(p[0])
-            print(f"student cache k={k}: dev frame acc {acc:.2f}% (diff vs online {acc - results['online']:+.2f}); "
-                  f"cache {path.stat().st_size / 1e6:.2f} MB = {path.stat().st_size / train.num_frames:.0f} B/frame "
-                  f"vs dense fp16 {dense / 1e6:.2f} MB; mean top-k mass {1 - c.rest.mean():.4f} "
-                  f"({time.time() - t0:.0f} s)")
+            p = train_stack(cfg, train, dev, tmp / f"online{t}", seeds=[1000],
+                            objective=DistillObjective([t], 0.5, online))
+            row = [f"{t:>4g} {best_dev_acc(p[0]):>8.2f}"]
+            for k in args.k:
+                c = compute_topk_targets(teacher, train, [t], k)[0]
+                for tail in TAILS:
+                    obj = DistillObjective([t], 0.5, TopKCache([c], tail=tail), eval_source=online)
+                    q = train_stack(cfg, train, dev, tmp / f"cache{k}{tail}{t}", seeds=[1000], objective=obj)
+                    acc = best_dev_acc(q[0])
+                    row.append(f"{acc:>8.2f} ({acc - best_dev_acc(p[0]):+.2f})")
+            print(" ".join(row), f"  [{time.time() - t0:.0f} s]", flush=True)
+        for k in args.k:
+            c = compute_topk_targets(teacher, train, [max(args.temperature)], k)[0]
+            path = write_topk(tmp / f"topk_k{k}.npz", c)
+            print(f"cache k={k}: {path.stat().st_size / 1e6:.2f} MB = {path.stat().st_size / train.num_frames:.0f} "
+                  f"B/frame vs dense fp16 {dense / 1e6:.2f} MB; mean top-k mass at T={max(args.temperature):g}: "
+                  f"{1 - c.rest.mean():.4f}")
 
 
 def run_exp(args: argparse.Namespace) -> None:
@@ -91,7 +94,7 @@ def run_exp(args: argparse.Namespace) -> None:
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("online", "cache"):
-            cfg = DistillConfig(temperatures=(args.temperature,), soft_targets=mode, topk=args.k[0])
+            cfg = DistillConfig(temperatures=tuple(args.temperature), soft_targets=mode, topk=args.k[0])
             out = Path(tmp) / mode
             distill(cfg, exp / "feats" / args.train_set, exp / "ali" / args.train_set, exp / "feats" / args.dev_set,
                     exp / "ali" / args.dev_set, teachers, out)
@@ -110,7 +113,7 @@ def main() -> None:
     ap.add_argument("--train-set", default="train-clean")
     ap.add_argument("--dev-set", default="dev-clean")
     ap.add_argument("--k", type=int, nargs="+", default=[10])
-    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--temperature", type=float, nargs="+", default=[1.0, 2.0, 5.0, 10.0])
     ap.add_argument("--members", type=int, default=4)
     ap.add_argument("--utts", type=int, default=150)
     ap.add_argument("--pdfs", type=int, default=120)

@@ -1,8 +1,9 @@
 """CPU training speed of the ``small`` preset: 10 members stacked vs one at a time (random data).
 
-Example (2 cores, nothing else running):
+Example (2 cores, nothing else running), fp32 and bf16 autocast:
 
     nice python benchmarks/bench_train_cpu.py --threads 2 --steps 60
+    nice python benchmarks/bench_train_cpu.py --threads 2 --steps 60 --set dtype=bfloat16
 
 Prints member-frames per second (frames x members trained per second) for both modes and the time
 that ten members would need for a given number of epochs over a corpus of ``--corpus-frames``.
@@ -40,7 +41,9 @@ def time_steps(cfg: TrainConfig, data: FrameData, seeds: list[int], steps: int, 
         if i == warmup:
             t0 = time.perf_counter()
         batch = next(it)
-        loss = objective(model(batch.x), batch).sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            logits = model(batch.x)
+        loss = objective(logits, batch).sum()
         opt.zero_grad()
         loss.backward()
         opt.step(active)

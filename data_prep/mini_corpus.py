@@ -1,7 +1,7 @@
 """The synthetic mini corpus: King James Bible chapters read by Debian's TTS voices, LibriSpeech layout.
 
 LibriSpeech cannot be downloaded everywhere, so every stage of the pipeline can run on this corpus
-instead (DESIGN.md section 5). A *speaker* is a TTS engine and voice (espeak-ng accent + variant,
+instead (docs/DESIGN.md section 5). A *speaker* is a TTS engine and voice (espeak-ng accent + variant,
 flite voice, festival voice) with its own pitch and rate, recorded through its own *channel*
 (sox: speed change, band limits, equalisation, reverberation; numpy: coloured, modulated noise at a
 drawn SNR and a recording level). A speaker reads one or more KJV chapters; a chapter is cut into
@@ -872,7 +872,7 @@ def _cli(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("build-mini-corpus", help="synthesise the TTS mini corpus in the LibriSpeech layout",
-                              description="Build the synthetic KJV/TTS corpus (DESIGN.md section 5).")
+                              description="Build the synthetic KJV/TTS corpus (docs/DESIGN.md section 5).")
     p.add_argument("--out-dir", required=True, help="corpus folder, e.g. exp/mini/corpus")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: config's)")
     p.add_argument("--num-utts", type=int, default=None, help="number of utterances (default: config's)")

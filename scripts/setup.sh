@@ -21,7 +21,7 @@ python=${PYTHON:-python3}
 pip_install() {  # quiet, minus the notes pip prints about unreachable extra index folders
   .venv/bin/pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
 }
-# torch 2.14.1 + torchaudio 2.11.0 is the pair known to import together (DESIGN.md section 4).
+# torch 2.14.1 + torchaudio 2.11.0 is the pair known to import together (docs/DESIGN.md section 4).
 pip_install "torch==2.14.1" "torchaudio==2.11.0"
 pip_install -e ".[test]"
 echo "set-up done: $(.venv/bin/python -c 'import torch, torchaudio; print("torch", torch.__version__, "torchaudio", torchaudio.__version__)')"
