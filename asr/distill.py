@@ -526,6 +526,7 @@ class DistillConfig:
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
     lr: Optional[float] = None
+    dropout: Optional[float] = None
     threads: int = 0                  # torch threads (0: leave as is)
     transfer: bool = True             # learn from the --transfer-feats sets given (false: training frames only)
     train_frames: bool = True         # learn from the training frames too (false: the transfer sets only)
@@ -572,7 +573,7 @@ def _train_config_for(teacher_meta: dict, train_cfg: Any | None, overrides: dict
 
 def _student_schedule(cfg: DistillConfig, train_cfg: Any) -> Any:
     """Apply the DistillConfig schedule fields that are set to the student's TrainConfig."""
-    changes = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr") if getattr(cfg, k) is not None}
+    changes = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "dropout") if getattr(cfg, k) is not None}
     if cfg.threads:
         changes["threads"] = cfg.threads
     return dataclasses.replace(train_cfg, **changes) if changes else train_cfg

@@ -66,12 +66,15 @@ class ArchConfig:
     hidden_layers: int = 8
     hidden_dim: int = 2560
     tdnn_contexts: tuple[tuple[int, ...], ...] = ()   # tdnn only: frame offsets spliced per layer
+    dropout: float = 0.0              # mlp only: dropout after each hidden layer while training
 
     def __post_init__(self) -> None:
         if self.kind not in ("mlp", "tdnn"):
             raise ValueError(f"unknown model kind {self.kind!r}; expected 'mlp' or 'tdnn'")
         if self.hidden_dim <= 0:
             raise ValueError(f"hidden_dim must be positive, got {self.hidden_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.kind == "mlp":
             if self.left < 0 or self.right < 0 or self.hidden_layers < 0:
                 raise ValueError(f"bad mlp context/depth: left={self.left} right={self.right} "
@@ -237,8 +240,11 @@ class StackedModel(nn.Module):
         if self.arch.window_step > 1:
             x = x.view(x.shape[0], width, self.input_feat_dim)[:, :: self.arch.window_step].reshape(x.shape[0], -1)
         h = x
+        drop = self.arch.dropout if self.training else 0.0
         for layer in self.layers[:-1]:
             h = torch.relu(layer(h))                     # (M, batch, hidden)
+            if drop:
+                h = torch.nn.functional.dropout(h, drop)   # the loop seeds the global RNG per batch
         out = self.layers[-1](h)
         if out.dim() == 2:                               # no hidden layers: still (M, batch, pdfs)
             out = out.unsqueeze(0).expand(self.num_members, -1, -1)

@@ -118,6 +118,7 @@ class TrainConfig:
     window_step: Optional[int] = None
     hidden_layers: Optional[int] = None
     hidden_dim: Optional[int] = None
+    dropout: Optional[float] = None
     # members (CLI): seeds first_seed .. first_seed + members - 1
     members: int = 10
     first_seed: int = 1
@@ -178,7 +179,7 @@ RUNTIME_FIELDS = ("device", "threads", "checkpoint_every_steps", "max_steps", "e
 def resolve_arch(cfg: TrainConfig) -> ArchConfig:
     """The architecture a config asks for: its preset with the non-None field overrides."""
     return get_arch(cfg.arch, left=cfg.left, right=cfg.right, window_step=cfg.window_step,
-                    hidden_layers=cfg.hidden_layers, hidden_dim=cfg.hidden_dim)
+                    hidden_layers=cfg.hidden_layers, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout)
 
 
 def _run_identity(cfg: TrainConfig, arch: ArchConfig, seeds: Sequence[int], names: Sequence[str],
@@ -577,6 +578,8 @@ def train_stack(cfg: TrainConfig, train: FrameData, dev: FrameData, out_dir: str
                                   only_labelled=labelled_only):
                 if prepare is not None:
                     batch = prepare(batch, _batch_generator(data_seed, prog.epoch, prog.batch_in_epoch))
+                if arch.dropout:   # dropout masks from the global RNG, seeded per batch: resumable
+                    torch.manual_seed(_batch_generator(data_seed, prog.epoch, prog.batch_in_epoch).initial_seed())
                 gcount = (batch.labels >= 0).sum()
                 batch = _rank_slice(batch, rank, world, chunked)
                 n = (batch.labels >= 0).sum()
