@@ -143,9 +143,10 @@ def test_mini_recipe_smoke(tmp_path: Path) -> None:
     (conf / "lm.yaml").write_text("prune_threshold: 1.0e-4\n")   # a small graph
     (conf / "gmm.yaml").write_text("num_iters: 8\ntotal_gauss: 300\n")
     (conf / "train.yaml").write_text("arch: small\nepochs: 1\nthreads: 1\n")
+    (conf / "distill.yaml").write_text("temperatures: [1, 2]\nsoft_targets: online\nmixup: 0.2\n")
     exp = tmp_path / "exp"
     cmd = [str(ROOT / "recipes" / "mini" / "run.sh"), "--exp", str(exp), "--conf", str(conf),
-           "--num-utts", "60", "--members", "2", "--ensemble-sizes", "1,2", "--temperatures", "1,2",
+           "--num-utts", "60", "--transfer-utts", "20", "--members", "2", "--ensemble-sizes", "1,2",
            "--gmm-acwt-grid", "0.1", "--nn-acwt-grid", "0.2"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
@@ -153,8 +154,10 @@ def test_mini_recipe_smoke(tmp_path: Path) -> None:
     sets = ["dev-clean", "test-clean", "test-other"]
     assert results["sets"] == sets
     by_name = {s["name"]: s for s in results["systems"]}
-    expected = {"gmm-mono", "member-seed1", "member-seed2", "member-mean", "ensemble-2",
-                "distilled-T1", "distilled-T2"}
+    choice = json.loads((exp / "distill" / "choice.json").read_text())
+    reported = f"distilled-{choice['best_dir']}"
+    expected = {"gmm-mono", "member-seed1", "member-seed2", "member-mean", "ensemble-2", reported,
+                "distilled-paper-T2"}
     assert expected <= set(by_name), sorted(by_name)
     assert {s["kind"] for s in results["systems"]} >= REQUIRED_KINDS
     for name in expected:
@@ -163,7 +166,14 @@ def test_mini_recipe_smoke(tmp_path: Path) -> None:
             assert math.isfinite(row["wer"][s]) and row["wer"][s] >= 0, (name, s)
             assert 0 <= row["frame_acc"][s] <= 100, (name, s)
     assert by_name["member-seed2"]["seed"] == 2
-    assert by_name["distilled-T2"]["temperature"] == 2 and by_name["distilled-T2"]["hard_weight"] == 0.5
+    assert results["distilled"] == reported and set(choice["per_temperature"]) == {"1", "2"}
+    assert by_name["distilled-paper-T2"]["temperature"] == 2 and by_name["distilled-paper-T2"]["hard_weight"] == 0.5
+    # the ablation table (paper's recipe first), the diagnostics, posterior-prior tuning
+    assert [r["variant"] for r in results["ablation"]] == ["distill_paper", "distill"]
+    assert results["diagnostics"]["dev"]["students"] and results["diagnostics"]["train"]["frames"] > 0
+    tune = json.loads((exp / "decode" / "member-seed1" / "tune.json").read_text())
+    assert set(tune["by_priors"]) == {"count", "posterior"} and tune["priors"] in tune["by_priors"]
+    assert (exp / "feats" / "train-unlabeled" / "index.jsonl").is_file()
     mean = by_name["member-mean"]["frame_acc"]["test-clean"]
     members = [by_name[f"member-seed{i}"]["frame_acc"]["test-clean"] for i in (1, 2)]
     assert mean == pytest.approx(sum(members) / 2, abs=1e-6)
