@@ -11,6 +11,9 @@ Operations on a spliced window ``(rows, frames * feat)`` of CMVN-normalised feat
 
 - frequency mask: per row, one band of up to ``freq_mask`` bins set to 0 over the whole window;
 - time mask: per row, up to ``time_mask`` consecutive window frames set to 0;
+- frequency warp: per row, the filterbank axis stretched by a factor drawn from
+  ``U[1 - warp, 1 + warp]`` (linear interpolation between bins, edges held), a cheap stand-in for
+  a new vocal tract: the direction in which synthetic voices differ most;
 - mixup: each row mixed with a random partner row of the batch, ``x = (1 - w) x + w x_partner`` with
   ``w ~ U[0, mixup)``, ``mixup <= 0.5`` so the row's own frame stays dominant (its hard label keeps
   meaning something).
@@ -33,16 +36,19 @@ class AugmentConfig:
     freq_mask: int = 0          # widest frequency band masked per row (bins); 0 = off
     time_mask: int = 0          # most consecutive window frames masked per row; 0 = off
     mixup: float = 0.0          # partner weight drawn from U[0, mixup); 0 = off, at most 0.5
+    warp: float = 0.0           # frequency-warp factor drawn from U[1 - warp, 1 + warp]; 0 = off
 
     def __post_init__(self) -> None:
         if self.freq_mask < 0 or self.time_mask < 0:
             raise ValueError(f"freq_mask and time_mask must be >= 0, got {self.freq_mask}, {self.time_mask}")
+        if not 0.0 <= self.warp < 0.5:
+            raise ValueError(f"warp must be in [0, 0.5), got {self.warp}")
         if not 0.0 <= self.mixup <= 0.5:
             raise ValueError(f"mixup must be in [0, 0.5] (the row's own frame stays dominant), got {self.mixup}")
 
     @property
     def enabled(self) -> bool:
-        return self.freq_mask > 0 or self.time_mask > 0 or self.mixup > 0
+        return self.freq_mask > 0 or self.time_mask > 0 or self.mixup > 0 or self.warp > 0
 
 
 def _band_mask(rows: int, size: int, widest: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -53,6 +59,18 @@ def _band_mask(rows: int, size: int, widest: int, generator: torch.Generator, de
     return (pos >= start) & (pos < start + width)
 
 
+def _warp(out: torch.Tensor, warp: float, generator: torch.Generator) -> torch.Tensor:
+    """Stretch the last (filterbank) axis of ``(rows, frames, feat)`` by a random factor per row."""
+    rows, _, feat = out.shape
+    alpha = (1.0 + (torch.rand(rows, 1, generator=generator) * 2 - 1) * warp).to(out.device)
+    src = (torch.arange(feat, device=out.device, dtype=torch.float32).unsqueeze(0) / alpha).clamp(0, feat - 1)
+    lo = src.floor().long()                                         # (rows, feat)
+    hi = (lo + 1).clamp(max=feat - 1)
+    frac = (src - lo).to(out.dtype).unsqueeze(1)                    # (rows, 1, feat)
+    idx = lambda i: i.unsqueeze(1).expand(-1, out.shape[1], -1)     # noqa: E731
+    return out.gather(2, idx(lo)) * (1 - frac) + out.gather(2, idx(hi)) * frac
+
+
 def augment_windows(x: torch.Tensor, feat_dim: int, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Augmented copy of spliced windows ``x`` ``(rows, frames * feat_dim)`` (same shape and dtype)."""
     if not cfg.enabled:
@@ -61,6 +79,8 @@ def augment_windows(x: torch.Tensor, feat_dim: int, cfg: AugmentConfig, generato
         raise ValueError(f"expected spliced windows (rows, frames * {feat_dim}), got {tuple(x.shape)}")
     rows, frames = x.shape[0], x.shape[1] // feat_dim
     out = x.reshape(rows, frames, feat_dim).clone()                     # (rows, frames, feat)
+    if cfg.warp > 0:
+        out = _warp(out, cfg.warp, generator)
     if cfg.mixup > 0 and rows > 1:
         partner = torch.randperm(rows, generator=generator).to(x.device)
         w = (torch.rand(rows, 1, 1, generator=generator) * cfg.mixup).to(x.device, out.dtype)

@@ -534,6 +534,7 @@ class DistillConfig:
     freq_mask: int = 0
     time_mask: int = 0
     mixup: float = 0.0
+    warp: float = 0.0
     diagnostics_frames: int = 50000   # training frames sampled for the agreement / KL diagnostics
 
     def __post_init__(self) -> None:
@@ -551,7 +552,7 @@ class DistillConfig:
 
     @property
     def augment(self) -> AugmentConfig:
-        return AugmentConfig(freq_mask=self.freq_mask, time_mask=self.time_mask, mixup=self.mixup)
+        return AugmentConfig(freq_mask=self.freq_mask, time_mask=self.time_mask, mixup=self.mixup, warp=self.warp)
 
 
 def _train_config_for(teacher_meta: dict, train_cfg: Any | None, overrides: dict | None = None) -> Any:

@@ -69,3 +69,13 @@ def test_teachers_see_exactly_the_students_augmented_input():
     assert len(seen) == 1 and torch.equal(seen[0], prepared.x)
     # Dev scoring never augments.
     assert obj.for_evaluation().augment is None
+
+
+def test_frequency_warp_stretches_the_filterbank_axis_per_row():
+    x = torch.arange(FEAT, dtype=torch.float32).repeat(8, 5)       # every frame holds bins 0..FEAT-1
+    y = augment_windows(x, FEAT, AugmentConfig(warp=0.2), torch.Generator().manual_seed(0)).view(8, 5, FEAT)
+    assert torch.equal(y[:, 0], y[:, 3])                           # one factor per row, all frames alike
+    assert (y[:, :, 0] == 0).all()                                 # bin 0 stays; the axis is stretched
+    slope = y[:, 0, 1]                                             # = 1 / alpha
+    assert ((slope > 1 / 1.2 - 1e-5) & (slope < 1 / 0.8 + 1e-5)).all() and slope.std() > 0
+    assert (y.diff(dim=2) >= -1e-6).all()                          # monotone, no bins swapped
