@@ -17,10 +17,11 @@ asr=(asr)
 # ---- stage 1: manifests, lexicon, OOV report
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   log "stage 1: data preparation"
-  run_step "$data/manifests" "" -- \
+  manifests=(); for s in $all_sets; do manifests+=("$data/$s/manifest.jsonl"); done
+  # tree: the stamp covers the corpus files (names, sizes, mtimes), so a fixed file is picked up.
+  run_step "$data/manifests" "tree:$corpus_dir" --outputs "${manifests[*]}" -- \
     "${asr[@]}" prepare-librispeech --corpus-dir "$corpus_dir" --subsets "$(echo $all_sets | tr ' ' ,)" \
       --out-dir "$data" --nj "$nj"
-  manifests=(); for s in $all_sets; do manifests+=("$data/$s/manifest.jsonl"); done
   extra=(); [ -n "$lexicon_extra" ] && [ -f "$lexicon_extra" ] && extra=(--extra "$lexicon_extra")
   run_step "$data/local" "$data/manifests $conf/lexicon.yaml" -- \
     "${asr[@]}" prepare-lexicon --out "$data/local" --config "$conf/lexicon.yaml" "${extra[@]}" \
@@ -86,7 +87,7 @@ if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   for s in $eval_sets; do
     models=(); outs=()
     for i in $(seq 1 "$members"); do models+=("$exp/members/seed$i/model.pt"); outs+=("$exp/members/seed$i/post/$s.npy"); done
-    run_step "$exp/members/post_$s" "$exp/members $exp/feats/$s" -- \
+    run_step "$exp/members/post_$s" "$exp/members $exp/feats/$s" --outputs "${outs[*]}" -- \
       "${asr[@]}" posteriors --model "${models[@]}" --feats-dir "$exp/feats/$s" --out "${outs[@]}" --device "$device"
   done
 fi
@@ -134,7 +135,8 @@ if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   run_step "$exp/decode/member-seed1" "$exp/members $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/members/seed1" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
   if [ "$members" -gt 1 ]; then
-    run_step "$steps/members" "$exp/decode/member-seed1" -- \
+    decoded=(); for i in $(seq 2 "$members"); do decoded+=("$exp/decode/member-seed$i"); done
+    run_step "$steps/members" "$exp/decode/member-seed1" --outputs "${decoded[*]}" -- \
       "${dec[@]}" --system "${member_dirs[@]:1}" --acwt-from "$exp/decode/member-seed1/tune.json"
   fi
   # Ensembles: the largest tunes acwt, the smaller ones (the size curve) reuse it.
@@ -142,15 +144,18 @@ if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   kmax=$(echo "$sizes" | tail -1)
   run_step "$exp/decode/ensemble-$kmax" "$exp/ensemble $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/ensemble/post_$kmax" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
-  smaller=(); for k in $sizes; do [ "$k" -gt 1 ] && [ "$k" -lt "$kmax" ] && smaller+=("$exp/ensemble/post_$k"); done
+  smaller=(); decoded=()
+  for k in $sizes; do
+    [ "$k" -gt 1 ] && [ "$k" -lt "$kmax" ] && smaller+=("$exp/ensemble/post_$k") && decoded+=("$exp/decode/ensemble-$k")
+  done
   if [ ${#smaller[@]} -gt 0 ]; then
-    run_step "$steps/ensembles" "$exp/decode/ensemble-$kmax" -- \
+    run_step "$steps/ensembles" "$exp/decode/ensemble-$kmax" --outputs "${decoded[*]}" -- \
       "${dec[@]}" --system "${smaller[@]}" --acwt-from "$exp/decode/ensemble-$kmax/tune.json"
   fi
   # Students: each temperature calibrates its posteriors differently, so each tunes its own acwt.
-  students=(); for t in $(echo "$temperatures" | tr , ' '); do
-    students+=("$exp/distill/$(python3 -c "print(f'T{float($t):g}')")"); done
-  run_step "$steps/distilled" "$exp/distill $exp/graph $conf/decode.yaml" -- \
+  students=(); decoded=(); for d in $(temperature_dirs "$temperatures"); do
+    students+=("$exp/distill/$d"); decoded+=("$exp/decode/distilled-$d"); done
+  run_step "$steps/distilled" "$exp/distill $exp/graph $conf/decode.yaml" --outputs "${decoded[*]}" -- \
     "${dec[@]}" --system "${students[@]}" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
 fi
 

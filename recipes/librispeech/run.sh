@@ -39,6 +39,7 @@ help_message="Usage: $0 (--corpus-dir DIR | --download-dir DIR) [--stage N] [--s
 . recipes/common/parse_options.sh
 . recipes/common/path.sh
 . recipes/common/stage.sh
+check_pipeline_options 9          # before any step: a rejected option leaves every output as it is
 
 if [ -z "$corpus_dir" ]; then
   [ -n "$download_dir" ] || { echo "$0: give --corpus-dir or --download-dir" >&2; exit 1; }

@@ -32,6 +32,8 @@ help_message="Usage: $0 [--stage N] [--stop-stage N] [--nj N] [--exp DIR] [--num
 . recipes/common/parse_options.sh
 . recipes/common/path.sh
 . recipes/common/stage.sh
+check_pipeline_options 9          # before any step: a rejected option leaves every output as it is
+check_int num_utts 1; check_int seed 0
 
 corpus_dir=$exp/corpus
 train_set=train-clean
