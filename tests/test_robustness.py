@@ -8,9 +8,12 @@ a fixed corpus file and reports silent audio.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,3 +172,158 @@ def test_temperature_dirs_match_temperature_name() -> None:
     r = subprocess.run(["bash", "-c", f'. {COMMON}/stage.sh; temperature_dirs "$1"', "_", ",".join(temps)],
                        capture_output=True, text=True, check=True)
     assert r.stdout.split() == [temperature_name(float(t)) for t in temps]
+
+
+# ---- problem 1: `asr decode` of one set keeps the other sets' results
+
+DECODE_LEXICON = "THE DH AH\nA AH\nCAT K AE T\nSAT S AE T\nON AA N\nMAT M AE T\nDOG D AO G\nRAN R AE N\n<UNK> SPN\n"
+DECODE_LM = ["THE CAT SAT ON THE MAT", "A DOG RAN", "THE DOG SAT ON A MAT", "A CAT RAN", "THE DOG RAN"] * 3
+DECODE_SETS = ["dev-clean", "test-clean", "test-other"]
+
+
+@pytest.fixture(scope="module")
+def decode_exp(tmp_path_factory):
+    """A tiny experiment dir: lang, LM, graph, 3 sets of 2 utterances (manifest + features),
+    priors, and one member (model.pt + random posteriors per set)."""
+    import numpy as np
+    from conftest import make_librispeech
+
+    import kaldi_hmm_gmm  # noqa: F401  (before kaldifst)
+    from asr.features import FeatureConfig, FeatureStore, make_features
+    from asr.graph import make_graph
+    from asr.lang import load_lang, prepare_lang
+    from asr.lm import LmConfig, train_lm
+    from asr.models import build_stack, get_arch, save_model
+    from data_prep.librispeech import prepare_librispeech
+
+    exp = tmp_path_factory.mktemp("exp")
+    (exp / "lexicon.txt").write_text(DECODE_LEXICON)
+    prepare_lang(exp / "lexicon.txt", exp / "lang")
+    (exp / "lm.txt").write_text("\n".join(DECODE_LM) + "\n")
+    train_lm(exp / "lm.txt", exp / "lang", exp / "lm", LmConfig())
+    make_graph(exp / "lang", exp / "lm", exp / "graph")
+    num_pdfs = load_lang(exp / "lang").num_pdfs
+    corpus = exp / "corpus"
+    for i, s in enumerate(DECODE_SETS):
+        make_librispeech(corpus, s, {str(100 + i): {"1": ["THE CAT SAT", "A DOG RAN"]}})
+    prepare_librispeech(corpus, DECODE_SETS, exp / "data")
+    member = exp / "members" / "seed2"
+    save_model(build_stack(get_arch("small"), 40, num_pdfs, [2]), member / "model.pt")
+    rng = np.random.default_rng(0)
+    for s in DECODE_SETS:
+        make_features(exp / "data" / s / "manifest.jsonl", exp / "feats" / s, FeatureConfig())
+        n = FeatureStore(exp / "feats" / s).num_frames_total
+        logits = rng.standard_normal((n, num_pdfs))
+        post = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        (member / "post").mkdir(parents=True, exist_ok=True)
+        np.save(member / "post" / f"{s}.npy", post.astype(np.float16))
+    (exp / "ali" / "train").mkdir(parents=True)
+    np.save(exp / "ali" / "train" / "priors.npy", np.full(num_pdfs, 1.0 / num_pdfs))
+    return exp
+
+
+def _decode(exp: Path, *args: str) -> int:
+    from asr.cli import main
+
+    return main(["decode", "--exp-dir", str(exp), "--train-set", "train", "--system", str(exp / "members" / "seed2"),
+                 *args])
+
+
+def test_decoding_another_set_keeps_the_other_sets_results(decode_exp: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    shutil.copytree(decode_exp, exp)
+    assert _decode(exp, "--sets", "dev-clean", "test-other", "--tune-set", "dev-clean", "--acwt-grid", "0.1,0.2") == 0
+    out = exp / "decode" / "member-seed2"
+    kept = {s: (out / s / "wer.json").read_text() for s in ("dev-clean", "test-other")}
+    mtimes = {s: (out / s / "wer.json").stat().st_mtime_ns for s in kept}
+    # The README's example: a new set, the acwt from a tune.json.
+    assert _decode(exp, "--sets", "test-clean", "--acwt-from", str(out / "tune.json")) == 0
+    for s in kept:
+        assert (out / s / "wer.json").read_text() == kept[s], f"{s} was removed or rewritten"
+        assert (out / s / "wer.json").stat().st_mtime_ns == mtimes[s]
+    assert (out / "test-clean" / ".done").is_file()
+    # New posteriors for one set make only that set stale; it is replaced, the others stay.
+    post = exp / "members" / "seed2" / "post" / "test-other.npy"
+    arr = np.load(post)
+    np.save(post, arr[:, ::-1].copy())
+    assert _decode(exp, "--sets", "dev-clean", "test-other", "test-clean", "--tune-set", "dev-clean",
+                   "--acwt-grid", "0.1,0.2") == 0
+    assert (out / "dev-clean" / "wer.json").stat().st_mtime_ns == mtimes["dev-clean"], "tune.json was reused"
+    assert (out / "test-other" / "wer.json").stat().st_mtime_ns != mtimes["test-other"]
+    assert not list(out.glob(".*.new")) and not list(out.glob(".*.stale"))
+
+
+def test_truncated_graph_is_a_named_error_and_keeps_results(decode_exp: Path, tmp_path: Path, caplog) -> None:
+    exp = tmp_path / "exp"
+    shutil.copytree(decode_exp, exp)
+    assert _decode(exp, "--sets", "dev-clean", "--acwt-from", str(_tune(exp))) == 0
+    out = exp / "decode" / "member-seed2"
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if "log" not in p.parts)
+    hclg = exp / "graph" / "HCLG.fst"
+    hclg.write_bytes(hclg.read_bytes()[:200])
+    caplog.clear()
+    assert _decode(exp, "--sets", "dev-clean", "test-clean", "--acwt-from", str(_tune(exp))) == 2
+    assert "HCLG.fst" in caplog.text and "make-graph" in caplog.text
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if "log" not in p.parts) == before
+
+
+def _tune(exp: Path) -> Path:
+    t = exp / "given_tune.json"
+    t.write_text(json.dumps({"acwt": 0.2, "word_ins_penalty": 0.0}))
+    return t
+
+
+# ---- problem 4: one error path, named errors, never torch's weights_only advice
+
+
+def test_corrupt_checkpoint_is_a_named_error_without_weights_only_advice(tmp_path: Path, caplog) -> None:
+    import numpy as np
+
+    from asr.cli import main
+    from asr.io import CheckpointError, safe_torch_load
+
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError) as e:
+        safe_torch_load(bad)
+    assert str(bad) in str(e.value) and "weights_only" not in str(e.value)
+    good = tmp_path / "good.pt"
+    import torch
+
+    torch.save({"x": torch.zeros(3)}, good)
+    good.write_bytes(good.read_bytes()[:100])               # truncated
+    with pytest.raises(CheckpointError, match="truncated"):
+        safe_torch_load(good)
+    caplog.clear()
+    rc = main(["posteriors", "--model", str(bad), "--feats-dir", str(tmp_path), "--out", str(tmp_path / "p.npy")])
+    assert rc == 2
+    assert "CheckpointError" in caplog.text and str(bad) in caplog.text
+    assert "weights_only" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_read_only_folder_and_missing_gpu_are_named_errors(decode_exp: Path, tmp_path: Path, caplog,
+                                                           monkeypatch) -> None:
+    import errno
+    import os
+
+    import torch
+
+    import asr.systems
+    from asr.cli import main
+
+    exp = tmp_path / "exp"
+    shutil.copytree(decode_exp, exp)
+    if os.geteuid() == 0:       # root writes into read-only folders: the refusal is simulated
+        def refuse(path, *a, **k):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        monkeypatch.setattr(asr.systems, "atomic_write_json", refuse)
+    else:
+        (exp / "decode" / "member-seed2").mkdir(parents=True)
+        os.chmod(exp / "decode" / "member-seed2", 0o555)
+    caplog.clear()
+    assert _decode(exp, "--sets", "dev-clean", "--acwt-from", str(_tune(exp))) == 2
+    assert "PermissionError" in caplog.text and "writable" in caplog.text and "Traceback" not in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    caplog.clear()
+    rc = main(["posteriors", "--model", "x.pt", "--feats-dir", str(tmp_path), "--out", "p.npy", "--device", "cuda"])
+    assert rc == 2 and "no CUDA GPU" in caplog.text and "--device cpu" in caplog.text
