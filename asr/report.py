@@ -177,6 +177,36 @@ def collect_systems(exp_dir: str | os.PathLike, sets: Sequence[str]) -> list[dic
     return rows
 
 
+def _seed_of(member_dir: str) -> int | None:
+    m = re.search(r"seed(\d+)/?$", str(member_dir))
+    return int(m.group(1)) if m else None
+
+
+def missing_members(exp_dir: str | os.PathLike, members: Sequence[dict], sets: Sequence[str]) -> list[str]:
+    """What the member family lacks: one entry per recipe member (``members/members.json`` and the
+    member lists of ``ensemble/post_*/members.json``) that has no decoded result on some set.
+
+    The baseline is a mean over the family; averaging whatever files happen to exist would report
+    fewer members than were trained, with nothing to say so.
+    """
+    exp_dir = Path(exp_dir)
+    seeds: set[int] = {int(m["seed"]) for m in members}
+    listing = exp_dir / "members" / "members.json"
+    if listing.is_file():
+        rows = read_json(listing)
+        seeds |= {int(r["seed"]) for r in rows if isinstance(r, dict) and "seed" in r}
+    for mj in (exp_dir / "ensemble").glob("post_*/members.json"):
+        seeds |= {s for s in map(_seed_of, read_json(mj).get("members", [])) if s is not None}
+    by_seed = {int(m["seed"]): m for m in members}
+    out = []
+    for seed in sorted(seeds):
+        m = by_seed.get(seed)
+        lacking = [s for s in sets if m is None or m["wer"].get(s) is None]
+        if lacking:
+            out.append(f"member-seed{seed} ({'not decoded' if m is None else 'no ' + ', '.join(lacking)})")
+    return out
+
+
 def _ensemble_size(row: dict) -> int:
     m = row.get("members")
     return len(m) if isinstance(m, (list, tuple)) else int(m)
@@ -267,12 +297,22 @@ def build_results(
     sets: Sequence[str],
     bootstrap_samples: int = 1000,
     bootstrap_seed: int = 0,
+    allow_incomplete: bool = False,
 ) -> dict:
-    """Gather every decoded system into the ``results.json`` structure (see the module doc)."""
+    """Gather every decoded system into the ``results.json`` structure (see the module doc).
+
+    A member family with results missing (see :func:`missing_members`) is an error, unless
+    ``allow_incomplete``: then ``incomplete`` lists what is missing and the table says so.
+    """
     exp_dir = Path(exp_dir)
     sets = list(sets)
     rows = collect_systems(exp_dir, sets)
     members = sorted((r for r in rows if r["kind"] == "member"), key=lambda r: r["seed"])
+    incomplete = missing_members(exp_dir, members, sets)
+    if incomplete and not allow_incomplete:
+        raise ReportError(f"{exp_dir}: incomplete member family, the baseline would average fewer members "
+                          f"than were trained: {'; '.join(incomplete)}. Rerun the recipe (it rebuilds missing "
+                          "results), or pass --allow-incomplete to report them as missing")
     mm = member_mean(members, sets)
     if mm is not None:
         rows.append(mm)
@@ -334,6 +374,7 @@ def build_results(
                       "baseline": "median-WER member per set"},
         "tuning": tuning,
         "distill_choice": distill_choice,
+        "incomplete": incomplete,
     }
 
 
@@ -375,6 +416,9 @@ def _paper_rows(results: dict, s: str) -> list[tuple[str, str, str]]:
 def format_table(results: dict) -> str:
     """The paper-style table of every set as plain text, for the terminal."""
     lines = [f"Results for {results['corpus']} (frame accuracy / WER, percent)"]
+    if results.get("incomplete"):
+        lines.append(f"WARNING: INCOMPLETE MEMBER FAMILY, the baseline averages only what exists; missing: "
+                     f"{'; '.join(results['incomplete'])}")
     for s in results["sets"]:
         rows = _paper_rows(results, s)
         if not rows:
@@ -458,6 +502,9 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
              f"{PAPER_TABLE1['ensemble'][0]} / {PAPER_TABLE1['ensemble'][1]}, distilled "
              f"{PAPER_TABLE1['distilled'][0]} / {PAPER_TABLE1['distilled'][1]}.")
     L.append("")
+    if results.get("incomplete"):
+        L += [f"**WARNING: incomplete member family; the baseline averages only what exists. Missing: "
+              f"{'; '.join(results['incomplete'])}.**", ""]
     L.append(f"Reported distilled model: {results['distilled_choice_reason']}.")
     L.append("")
     for s in sets:
@@ -645,6 +692,7 @@ def build_report(
     sets: Sequence[str] | None = None,
     bootstrap_samples: int = 1000,
     command: str | None = None,
+    allow_incomplete: bool = False,
 ) -> tuple[Path, Path]:
     """Write ``exp_dir/RESULTS.md``, ``exp_dir/results.json`` and ``exp_dir/plots/*.png``.
 
@@ -656,7 +704,8 @@ def build_report(
     sets = list(sets) if sets else discover_sets(exp_dir)
     if not sets:
         raise ReportError(f"{exp_dir}/decode: no decoded sets (no */*/wer.json)")
-    results = build_results(exp_dir, corpus, sets, bootstrap_samples=bootstrap_samples)
+    results = build_results(exp_dir, corpus, sets, bootstrap_samples=bootstrap_samples,
+                            allow_incomplete=allow_incomplete)
     plots = write_plots(results, exp_dir)
     results["plots"] = [str(p.relative_to(exp_dir)) for p in plots]
     json_path = exp_dir / "results.json"
@@ -669,7 +718,8 @@ def build_report(
 def _cli(args: argparse.Namespace) -> int:
     cmd = f"asr report --exp-dir {args.exp_dir}" + (f" --corpus {args.corpus}" if args.corpus else "") + \
         (f" --sets {' '.join(args.sets)}" if args.sets else "")
-    _, json_path = build_report(args.exp_dir, args.corpus, args.sets, args.bootstrap_samples, command=cmd)
+    _, json_path = build_report(args.exp_dir, args.corpus, args.sets, args.bootstrap_samples, command=cmd,
+                                allow_incomplete=args.allow_incomplete)
     if not args.quiet:
         print_table(json_path)
     return 0
@@ -687,4 +737,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sets", nargs="+", default=None, help="sets to report (default: every decoded set)")
     p.add_argument("--bootstrap-samples", type=int, default=1000)
     p.add_argument("--quiet", action="store_true", help="do not print the table")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="report a member family with missing results (listed in the table) instead of failing")
     p.set_defaults(func=_cli)

@@ -327,3 +327,30 @@ def test_read_only_folder_and_missing_gpu_are_named_errors(decode_exp: Path, tmp
     caplog.clear()
     rc = main(["posteriors", "--model", "x.pt", "--feats-dir", str(tmp_path), "--out", "p.npy", "--device", "cuda"])
     assert rc == 2 and "no CUDA GPU" in caplog.text and "--device cpu" in caplog.text
+
+
+# ---- problem 1/2 in the report: an incomplete member family is refused, or listed loudly
+
+
+def test_report_refuses_an_incomplete_member_family(tmp_path: Path, capsys) -> None:
+    from test_report import SETS, _fabricate
+
+    from asr.cli import main
+    from asr.io import atomic_write_json
+    from asr.report import ReportError, build_results
+
+    exp = tmp_path / "mini"
+    _fabricate(exp)
+    atomic_write_json(exp / "members" / "members.json", [{"name": f"seed{i}", "seed": i} for i in (1, 2, 3)])
+    build_results(exp, "mini", SETS)                      # complete: fine
+    (exp / "decode" / "member-seed2" / "test-clean" / "wer.json").unlink()
+    shutil.rmtree(exp / "decode" / "member-seed3")
+    with pytest.raises(ReportError, match=r"member-seed2 \(no test-clean\); member-seed3 \(not decoded\)"):
+        build_results(exp, "mini", SETS)
+    assert main(["report", "--exp-dir", str(exp), "--sets", *SETS]) == 2
+    assert main(["report", "--exp-dir", str(exp), "--sets", *SETS, "--allow-incomplete"]) == 0
+    out = capsys.readouterr().out
+    assert "INCOMPLETE MEMBER FAMILY" in out and "member-seed3 (not decoded)" in out
+    assert "incomplete member family" in (exp / "RESULTS.md").read_text()
+    assert json.loads((exp / "results.json").read_text())["incomplete"] == [
+        "member-seed2 (no test-clean)", "member-seed3 (not decoded)"]
