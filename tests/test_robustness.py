@@ -354,3 +354,72 @@ def test_report_refuses_an_incomplete_member_family(tmp_path: Path, capsys) -> N
     assert "incomplete member family" in (exp / "RESULTS.md").read_text()
     assert json.loads((exp / "results.json").read_text())["incomplete"] == [
         "member-seed2 (no test-clean)", "member-seed3 (not decoded)"]
+
+
+# ---- problem 5: data preparation sees a fixed corpus file, and reports silent audio
+
+
+def _silence(path: Path, seconds: float = 0.4) -> None:
+    import soundfile as sf
+
+    sf.write(str(path), np.zeros(int(16000 * seconds), np.float32), 16000, format="FLAC", subtype="PCM_16")
+
+
+def test_silent_utterance_is_reported(tiny_librispeech: Path, tmp_path: Path) -> None:
+    from data_prep.librispeech import CorpusError, prepare_librispeech
+
+    bad = tiny_librispeech / "dev-clean" / "19" / "198" / "19-198-0001.flac"
+    _silence(bad)
+    with pytest.raises(CorpusError, match=r"19-198-0001.flac: silent or near-silent audio \(digital silence"):
+        prepare_librispeech(tiny_librispeech, ["dev-clean"], tmp_path / "data")
+    prepare_librispeech(tiny_librispeech, ["dev-clean"], tmp_path / "data", skip_bad=True)
+    listed = (tmp_path / "data" / "dev-clean" / "bad_utts.txt").read_text()
+    assert listed.startswith("19-198-0001\t") and "silent" in listed
+    ids = [json.loads(x)["id"] for x in (tmp_path / "data" / "dev-clean" / "manifest.jsonl").read_text().splitlines()]
+    assert "19-198-0001" not in ids and len(ids) == 5
+    # The threshold is configurable: at -200 dBFS only digital silence is left out; quiet audio passes.
+    import soundfile as sf
+
+    sf.write(str(bad), (1e-4 * np.sin(np.arange(6400) / 5)).astype(np.float32), 16000, format="FLAC")
+    prepare_librispeech(tiny_librispeech, ["dev-clean"], tmp_path / "data2", min_rms_db=-200)
+    assert not (tmp_path / "data2" / "dev-clean" / "bad_utts.txt").exists()
+
+
+def test_fixed_corpus_file_is_picked_up_by_a_rerun(tiny_librispeech: Path, tmp_path: Path) -> None:
+    from conftest import write_flac
+
+    from data_prep.librispeech import prepare_librispeech
+
+    bad = tiny_librispeech / "dev-clean" / "19" / "198" / "19-198-0001.flac"
+    _silence(bad)
+    out = tmp_path / "data"
+    prepare_librispeech(tiny_librispeech, ["dev-clean"], out, skip_bad=True)
+    assert "19-198-0001" in (out / "dev-clean" / "bad_utts.txt").read_text()
+    write_flac(bad, seconds=0.4, seed=7)                  # the user fixes the file
+    prepare_librispeech(tiny_librispeech, ["dev-clean"], out, skip_bad=True)
+    ids = [json.loads(x)["id"] for x in (out / "dev-clean" / "manifest.jsonl").read_text().splitlines()]
+    assert "19-198-0001" in ids and not (out / "dev-clean" / "bad_utts.txt").exists()
+
+
+def test_recipe_stage_1_picks_up_a_fixed_transcript(tmp_path: Path) -> None:
+    """Through the recipe: the manifests step's stamp covers the corpus files."""
+    import os
+    import sys
+
+    from conftest import make_librispeech
+
+    corpus = tmp_path / "LibriSpeech"
+    sets = ["train-clean-100", "dev-clean", "dev-other", "test-clean", "test-other"]
+    for i, subset in enumerate(sets):
+        make_librispeech(corpus, subset, {str(100 + i): {"10": ["HELLO WORLD", "THE QUICK BROWN FOX"]}})
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    cmd = [str(ROOT / "recipes" / "librispeech" / "run.sh"), "--corpus-dir", str(corpus), "--exp", str(tmp_path / "exp"),
+           "--stage", "1", "--stop-stage", "1", "--nj", "1", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trans = corpus / "dev-clean" / "101" / "10" / "101-10.trans.txt"
+    trans.write_text(trans.read_text().replace("HELLO WORLD", "HELLO THERE WORLD"))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    texts = [json.loads(x)["text"] for x in (tmp_path / "exp" / "data" / "dev-clean" / "manifest.jsonl").read_text().splitlines()]
+    assert "HELLO THERE WORLD" in texts
