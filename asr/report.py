@@ -120,9 +120,10 @@ def collect_systems(exp_dir: str | os.PathLike, sets: Sequence[str]) -> list[dic
     if not decode.is_dir():
         raise ReportError(f"{decode} does not exist: decode some systems first")
     rows = []
-    # Hidden folders hold recipe stamps; "<name>.old" is an outdated copy kept by a rebuild.
+    # Hidden folders hold recipe stamps; "<name>.old" is an outdated copy kept by a rebuild and
+    # "<name>.partial" a failed rebuild kept for resuming.
     for sdir in sorted(p for p in decode.iterdir()
-                       if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(".old")):
+                       if p.is_dir() and not p.name.startswith(".") and not p.name.endswith((".old", ".partial"))):
         sj = sdir / "system.json"
         if sj.is_file():
             info = read_json(sj)

@@ -257,6 +257,9 @@ def _tune_key(system: System, cfg: DecodeConfig, tune_paths: SetPaths | None, ac
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_GRAPHS_READ: set[tuple] = set()
+
+
 def _check_inputs(system: System, sets: Sequence[SetPaths], graph_dir: Path, acwt_from: Path | None) -> None:
     """Fail before anything is written: a readable graph, an acwt source, and for neural systems
     posteriors of every set with as many frames as its features."""
@@ -267,10 +270,13 @@ def _check_inputs(system: System, sets: Sequence[SetPaths], graph_dir: Path, acw
     hclg = graph_dir / "HCLG.fst"
     if not is_done(graph_dir) or not hclg.is_file():
         raise DecodeError(f"graph {graph_dir} is not complete (no .done or HCLG.fst): run make-graph")
-    fst = kaldifst.StdVectorFst.read(str(hclg))
-    if fst is None or fst.num_states == 0:
-        raise DecodeError(f"{hclg}: unreadable or empty graph (truncated or corrupt?); rebuild it with make-graph")
-    del fst
+    key = tuple(_file_stats([hclg])[0])
+    if key not in _GRAPHS_READ:         # one read per graph and process, however many systems
+        fst = kaldifst.StdVectorFst.read(str(hclg))
+        if fst is None or fst.num_states == 0:
+            raise DecodeError(f"{hclg}: unreadable or empty graph (truncated or corrupt?); rebuild it with make-graph")
+        del fst
+        _GRAPHS_READ.add(key)
     if acwt_from is not None and not acwt_from.is_file():
         raise FileNotFoundError(f"{acwt_from}: no such tune.json (--acwt-from)")
     if system.kind == "gmm":

@@ -423,3 +423,26 @@ def test_recipe_stage_1_picks_up_a_fixed_transcript(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     texts = [json.loads(x)["text"] for x in (tmp_path / "exp" / "data" / "dev-clean" / "manifest.jsonl").read_text().splitlines()]
     assert "HELLO THERE WORLD" in texts
+
+
+@pytest.mark.parametrize("recipe", ["mini", "librispeech"])
+@pytest.mark.parametrize("args,msg", [
+    (("--nj", "0"), "--nj must be >= 1"), (("--members", "0"), "--members must be >= 1"),
+    (("--temperatures", "-1"), "--temperatures must be comma-separated numbers"),
+    (("--stage", "abc"), "--stage must be a whole number"), (("--stage", "99"), "--stage must be <= 9"),
+    (("--stage", "5", "--stop-stage", "3"), "--stop-stage (3) must be >= --stage (5)"),
+    (("--ensemble-sizes", "1,20"), "--ensemble-sizes: every value must be <= 10"),
+])
+def test_recipes_reject_bad_options_before_any_step(tmp_path: Path, recipe: str, args: tuple[str, ...],
+                                                     msg: str) -> None:
+    import os
+    import sys
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    exp = tmp_path / "exp"
+    r = subprocess.run([str(ROOT / "recipes" / recipe / "run.sh"), "--exp", str(exp), "--corpus-dir" if recipe ==
+                        "librispeech" else "--seed", str(tmp_path) if recipe == "librispeech" else "1", *args],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    assert msg in r.stderr
+    assert not exp.exists(), "nothing was written"
