@@ -73,15 +73,16 @@ __record_outputs() {
 
 # __missing_outputs OUT: "path (why)" for each recorded output that is gone or changed size.
 __missing_outputs() {
-  local out=$1
+  local out=$1 want
   [ -f "$out/.stamp" ] || return 0
-  OUT="$out" awk -F'\t' '$1 == "I" { print $2 "\t" ENVIRON["OUT"] "/" $3 } $1 == "O" { print $2 "\t" $3 }' \
-    "$out/.stamp" > "$out/.stamp.want"
-  cut -f2 "$out/.stamp.want" | xargs -d '\n' -r stat --printf '%s\t%n\n' -- 2>/dev/null > "$out/.stamp.have" || true
+  want=$(OUT="$out" awk -F'\t' '$1 == "I" { print $2 "\t" ENVIRON["OUT"] "/" $3 } $1 == "O" { print $2 "\t" $3 }' \
+    "$out/.stamp")
+  [ -n "$want" ] || return 0
   awk -F'\t' 'FILENAME == ARGV[1] { have[$2] = $1; next }
     !($2 in have) { print $2 " (missing)"; next }
-    have[$2] != $1 { print $2 " (size " have[$2] ", was " $1 ")" }' "$out/.stamp.have" "$out/.stamp.want"
-  rm -f "$out/.stamp.want" "$out/.stamp.have"
+    have[$2] != $1 { print $2 " (size " have[$2] ", was " $1 ")" }' \
+    <(printf '%s\n' "$want" | cut -f2 | xargs -d '\n' -r stat --printf '%s\t%n\n' -- 2>/dev/null || true) \
+    <(printf '%s\n' "$want")
 }
 
 # __move_aside OUT STAMP: the finished OUT goes to OUT.old before a rebuild; a failed rebuild of
