@@ -7,6 +7,7 @@ function taking the parsed arguments. The CLI only parses options and calls the 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -68,19 +69,49 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("asr").info("asr %s", " ".join(argv))
     log = logging.getLogger("asr")
+    problem = _device_problem(getattr(args, "device", None))
+    if problem:
+        log.error("DeviceError: %s", problem)
+        return 2
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
         log.error("interrupted; rerun the same command to resume")
         return 130
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        # Bad input or configuration: the message names the file and the problem; a traceback
-        # would only hide it. --verbose keeps the traceback for debugging.
+    except (ValueError, KeyError, OSError) as e:
+        # Bad input, configuration or file system (missing, unreadable, read-only): the message
+        # names the file and the problem; a traceback would only hide it. --verbose keeps it.
         if args.verbose:
             raise
-        log.error("%s: %s", type(e).__name__, e.args[0] if e.args else e)
+        log.error("%s: %s", type(e).__name__, _message(e))
         return 2
     return int(rc or 0)
+
+
+def _message(e: BaseException) -> str:
+    """One line naming the file and the problem (OSErrors carry errno, strerror and filename)."""
+    if isinstance(e, OSError) and e.filename is not None:
+        hint = ""
+        if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EROFS):
+            hint = "; check that the folder is writable (or give another --out-dir / --exp)"
+        elif e.errno == errno.ENOSPC:
+            hint = "; free some disk space and rerun the same command to resume"
+        return f"{e.filename}: {e.strerror}{hint}"
+    return str(e.args[0]) if e.args else str(e)
+
+
+def _device_problem(device: object) -> str | None:
+    """Why ``--device`` cannot be used here (a GPU asked for on a machine without one), or None."""
+    if not isinstance(device, str) or not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"--device {device}: no CUDA GPU is visible on this machine; use --device cpu"
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        return f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 ..)"
+    return None
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ __all__ = [
     "atomic_save_npy",
     "atomic_torch_save",
     "safe_torch_load",
+    "CheckpointError",
     "read_jsonl",
     "write_jsonl",
     "read_json",
@@ -78,11 +79,29 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be loaded (corrupt, truncated, or not a plain-tensor checkpoint)."""
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint with ``weights_only=True``: tensors, numbers, strings and containers only."""
+    """Load a checkpoint with ``weights_only=True``: tensors, numbers, strings and containers only.
+
+    A corrupt, truncated or foreign file raises ``CheckpointError`` naming the file and the fix.
+    torch's own message is not passed on: for such a file it advises ``weights_only=False``, i.e.
+    running whatever code the file holds.
+    """
+    import pickle
+
     import torch
 
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError,
+            IndexError, KeyError, UnicodeDecodeError) as e:
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}; {size} bytes: corrupt, truncated or "
+            f"not written by asr); delete it and rerun the step that wrote it") from None
 
 
 def _open_text(path: Path, mode: str):

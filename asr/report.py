@@ -120,9 +120,10 @@ def collect_systems(exp_dir: str | os.PathLike, sets: Sequence[str]) -> list[dic
     if not decode.is_dir():
         raise ReportError(f"{decode} does not exist: decode some systems first")
     rows = []
-    # Hidden folders hold recipe stamps; "<name>.old" is an outdated copy kept by a rebuild.
+    # Hidden folders hold recipe stamps; "<name>.old" is an outdated copy kept by a rebuild and
+    # "<name>.partial" a failed rebuild kept for resuming.
     for sdir in sorted(p for p in decode.iterdir()
-                       if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(".old")):
+                       if p.is_dir() and not p.name.startswith(".") and not p.name.endswith((".old", ".partial"))):
         sj = sdir / "system.json"
         if sj.is_file():
             info = read_json(sj)
@@ -191,6 +192,36 @@ def _undecoded_ensembles(exp_dir: Path, sets: Sequence[str], decoded_sizes: set)
         rows.append({"name": f"ensemble-{k}", "kind": "ensemble", "params": None, "members": k,
                      "frame_acc": {s: _num(fa.get(s)) for s in sets}, "wer": {s: None for s in sets}})
     return rows
+
+
+def _seed_of(member_dir: str) -> int | None:
+    m = re.search(r"seed(\d+)/?$", str(member_dir))
+    return int(m.group(1)) if m else None
+
+
+def missing_members(exp_dir: str | os.PathLike, members: Sequence[dict], sets: Sequence[str]) -> list[str]:
+    """What the member family lacks: one entry per recipe member (``members/members.json`` and the
+    member lists of ``ensemble/post_*/members.json``) that has no decoded result on some set.
+
+    The baseline is a mean over the family; averaging whatever files happen to exist would report
+    fewer members than were trained, with nothing to say so.
+    """
+    exp_dir = Path(exp_dir)
+    seeds: set[int] = {int(m["seed"]) for m in members}
+    listing = exp_dir / "members" / "members.json"
+    if listing.is_file():
+        rows = read_json(listing)
+        seeds |= {int(r["seed"]) for r in rows if isinstance(r, dict) and "seed" in r}
+    for mj in (exp_dir / "ensemble").glob("post_*/members.json"):
+        seeds |= {s for s in map(_seed_of, read_json(mj).get("members", [])) if s is not None}
+    by_seed = {int(m["seed"]): m for m in members}
+    out = []
+    for seed in sorted(seeds):
+        m = by_seed.get(seed)
+        lacking = [s for s in sets if m is None or m["wer"].get(s) is None]
+        if lacking:
+            out.append(f"member-seed{seed} ({'not decoded' if m is None else 'no ' + ', '.join(lacking)})")
+    return out
 
 
 def _ensemble_size(row: dict) -> int:
@@ -341,12 +372,22 @@ def build_results(
     bootstrap_samples: int = 1000,
     bootstrap_seed: int = 0,
     students: Sequence[str] = (),
+    allow_incomplete: bool = False,
 ) -> dict:
-    """Gather every decoded system into the ``results.json`` structure (see the module doc)."""
+    """Gather every decoded system into the ``results.json`` structure (see the module doc).
+
+    A member family with results missing (see :func:`missing_members`) is an error, unless
+    ``allow_incomplete``: then ``incomplete`` lists what is missing and the table says so.
+    """
     exp_dir = Path(exp_dir)
     sets = list(sets)
     rows = collect_systems(exp_dir, sets)
     members = sorted((r for r in rows if r["kind"] == "member"), key=lambda r: r["seed"])
+    incomplete = missing_members(exp_dir, members, sets)
+    if incomplete and not allow_incomplete:
+        raise ReportError(f"{exp_dir}: incomplete member family, the baseline would average fewer members "
+                          f"than were trained: {'; '.join(incomplete)}. Rerun the recipe (it rebuilds missing "
+                          "results), or pass --allow-incomplete to report them as missing")
     mm = member_mean(members, sets)
     if mm is not None:
         rows.append(mm)
@@ -398,6 +439,7 @@ def build_results(
         "distill_choice": distill_choice,
         "diagnostics": read_json(diag_file) if diag_file.is_file() else None,
         "ablation": _ablation(exp_dir, rows, mm, ens_full, sets, students),
+        "incomplete": incomplete,
     }
 
 
@@ -439,6 +481,9 @@ def _paper_rows(results: dict, s: str) -> list[tuple[str, str, str]]:
 def format_table(results: dict) -> str:
     """The paper-style table of every set as plain text, for the terminal."""
     lines = [f"Results for {results['corpus']} (frame accuracy / WER, percent)"]
+    if results.get("incomplete"):
+        lines.append(f"WARNING: INCOMPLETE MEMBER FAMILY, the baseline averages only what exists; missing: "
+                     f"{'; '.join(results['incomplete'])}")
     for s in results["sets"]:
         rows = _paper_rows(results, s)
         if not rows:
@@ -563,6 +608,9 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
              f"{PAPER_TABLE1['ensemble'][0]} / {PAPER_TABLE1['ensemble'][1]}, distilled "
              f"{PAPER_TABLE1['distilled'][0]} / {PAPER_TABLE1['distilled'][1]}.")
     L.append("")
+    if results.get("incomplete"):
+        L += [f"**WARNING: incomplete member family; the baseline averages only what exists. Missing: "
+              f"{'; '.join(results['incomplete'])}.**", ""]
     L.append(f"Reported distilled model: {results['distilled_choice_reason']}.")
     L.append("")
     for s in sets:
@@ -752,6 +800,7 @@ def build_report(
     bootstrap_samples: int = 1000,
     command: str | None = None,
     students: Sequence[str] | None = None,
+    allow_incomplete: bool = False,
 ) -> tuple[Path, Path]:
     """Write ``exp_dir/RESULTS.md``, ``exp_dir/results.json`` and ``exp_dir/plots/*.png``.
 
@@ -766,7 +815,8 @@ def build_report(
     if students is None:   # every student variant folder that exists: distill_* first (the paper's recipe), distill last
         students = sorted((p.name for p in exp_dir.glob("distill*") if (p / "choice.json").is_file()),
                           key=lambda n: (n == "distill", n))
-    results = build_results(exp_dir, corpus, sets, bootstrap_samples=bootstrap_samples, students=students)
+    results = build_results(exp_dir, corpus, sets, bootstrap_samples=bootstrap_samples, students=students,
+                            allow_incomplete=allow_incomplete)
     plots = write_plots(results, exp_dir)
     results["plots"] = [str(p.relative_to(exp_dir)) for p in plots]
     json_path = exp_dir / "results.json"
@@ -780,7 +830,7 @@ def _cli(args: argparse.Namespace) -> int:
     cmd = f"asr report --exp-dir {args.exp_dir}" + (f" --corpus {args.corpus}" if args.corpus else "") + \
         (f" --sets {' '.join(args.sets)}" if args.sets else "")
     _, json_path = build_report(args.exp_dir, args.corpus, args.sets, args.bootstrap_samples, command=cmd,
-                                students=args.students)
+                                students=args.students, allow_incomplete=args.allow_incomplete)
     if not args.quiet:
         print_table(json_path)
     return 0
@@ -800,4 +850,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--students", nargs="+", default=None,
                    help="student variant folders for the ablation table, in order (default: every distill*/)")
     p.add_argument("--quiet", action="store_true", help="do not print the table")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="report a member family with missing results (listed in the table) instead of failing")
     p.set_defaults(func=_cli)

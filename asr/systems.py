@@ -9,8 +9,13 @@ acoustic scale is tuned on a dev set only (``--tune-set``) or copied from anothe
 
 Outputs, per system: ``decode/<name>/system.json`` (what the report needs: name, kind, params,
 seed / members / temperature / hard_weight), ``decode/<name>/tune.json``, and one scored folder
-per set (``asr.scoring.score_decode``: hyp.txt, per_utt, wer.json, frame_acc.json, .done). A set
-whose folder is done is skipped, so a killed decode resumes.
+per set (``asr.scoring.score_decode``: hyp.txt, per_utt, wer.json, frame_acc.json, .done) with
+``inputs.sha1``, the fingerprint of what that set's result depends on (its posteriors or the GMM,
+HCLG, priors, features, manifest, alignment, the decoding config with the chosen acwt). A set whose
+folder is done with the same fingerprint is skipped, so a killed decode resumes; decoding another
+set adds to a system's results and never removes the others. A stale set is decoded into a folder
+beside it and renamed into place only when complete; every input is validated before anything is
+written. ``tune.json`` records what it was made from and is reused only when that matches.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 from asr.config import add_config_args, config_from_args, config_to_dict
 from asr.decode import DecodeConfig, decode_many, hybrid_loglikes, tune_acwt
 from asr.features import FeatureStore
-from asr.io import atomic_write_json, is_done, read_json
+from asr.io import atomic_write_json, atomic_write_text, is_done, read_json
 from asr.labels import LabelStore
 from asr.manifest import read_manifest
 from asr.scoring import score_decode
@@ -229,18 +234,21 @@ def _choose_acwt(system: System, out_dir: Path, cfg: DecodeConfig, tune_paths: S
     results at that point when tuning just ran (so the tune set need not be decoded again)."""
     tune_file = out_dir / "tune.json"
     best = None
-    if tune_file.is_file():
-        t = read_json(tune_file)
+    key = _tune_key(system, cfg, tune_paths, acwt_from, grid, graph_dir)
+    old = read_json(tune_file) if tune_file.is_file() else None
+    if old is not None and (key is None or old.get("inputs") == key):
+        t = old                 # made from the same inputs (or no tuning asked for: reuse it)
     elif acwt_from is not None:
         src = read_json(acwt_from)
         kind = src.get("priors", "count")
         if kind == "posterior" and posterior_prior_path(system) is None:
             raise SystemDirError(f"{acwt_from} chose posterior priors, but {system.dir} has no priors.npy")
         t = {"acwt": src["acwt"], "word_ins_penalty": src.get("word_ins_penalty", 0.0),
-             "lm_weight": 1.0 / src["acwt"], "priors": kind, "copied_from": str(acwt_from)}
+             "lm_weight": 1.0 / src["acwt"], "priors": kind, "copied_from": str(acwt_from), "inputs": key}
         atomic_write_json(tune_file, t)
     elif tune_paths is not None:
         t, best = _tune(system, tune_paths, cfg, grid, graph_dir, lang_dir, log_prior, nj)
+        t["inputs"] = key
         atomic_write_json(tune_file, t)
     else:
         return cfg, "count", None
@@ -248,32 +256,98 @@ def _choose_acwt(system: System, out_dir: Path, cfg: DecodeConfig, tune_paths: S
     return cfg, t.get("priors", "count"), best
 
 
-def _input_files(system: System, sets: Sequence[SetPaths]) -> list[Path]:
-    if system.kind == "gmm":
-        return [system.dir / "final.mdl"]
-    return [_post_path(system, p.name) for p in sets]
+def _file_stats(files: Sequence[Path | None]) -> list:
+    """(path, size, mtime) of each file: cheap, and any rebuild of an input changes it."""
+    out = []
+    for f in files:
+        if f is not None and Path(f).is_file():
+            st = Path(f).stat()
+            out.append((str(f), st.st_size, st.st_mtime_ns))
+        else:
+            out.append((str(f), None, None))
+    return out
 
 
-def _fingerprint(system: System, sets: Sequence[SetPaths], graph_dir: Path, cfg: DecodeConfig,
-                 tune_set: SetPaths | None, acwt_from: Path | None, grid: Sequence[float]) -> str:
-    """What the results of ``decode/<name>/`` were made from: when any of it changes (a retrained
-    model, new posteriors, another graph, another acwt source), earlier results are stale."""
-    files = _input_files(system, sets) + [graph_dir / "HCLG.fst"] + ([acwt_from] if acwt_from else [])
-    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    blob = json.dumps([system.info, stats, config_to_dict(cfg), tune_set.name if tune_set else None,
-                       list(grid), [p.name for p in sets]], sort_keys=True, default=str)
+def _system_file(system: System, set_name: str) -> Path:
+    return system.dir / "final.mdl" if system.kind == "gmm" else _post_path(system, set_name)
+
+
+def _set_files(system: System, paths: SetPaths, graph_dir: Path, priors: Path | None) -> list[Path | None]:
+    """Every file the results of one set are computed from."""
+    return [_system_file(system, paths.name), graph_dir / "HCLG.fst", graph_dir / "words.txt", priors,
+            paths.manifest, paths.feats_dir / "index.jsonl",
+            paths.ali_dir / "labels.npy" if paths.ali_dir is not None else None]
+
+
+def _set_fingerprint(system: System, paths: SetPaths, graph_dir: Path, priors: Path | None,
+                     cfg: DecodeConfig) -> str:
+    """What ``decode/<name>/<set>/`` was made from: when any of it changes (a retrained model, new
+    posteriors of that set, another graph or config, another acwt), that set's result is stale.
+    Other sets are not part of it, so decoding a new set never invalidates the others."""
+    blob = json.dumps([system.info, paths.name, _file_stats(_set_files(system, paths, graph_dir, priors)),
+                       config_to_dict(cfg)], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def _clear_if_stale(out_dir: Path, fingerprint: str) -> None:
-    stamp = out_dir / "inputs.sha1"
-    if stamp.is_file() and stamp.read_text().strip() != fingerprint:
-        log.info("%s: inputs changed since it was scored; decoding again", out_dir)
-        for p in out_dir.iterdir():
-            if p.name != "log":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint + "\n")
+def _tune_key(system: System, cfg: DecodeConfig, tune_paths: SetPaths | None, acwt_from: Path | None,
+              grid: Sequence[float], graph_dir: Path) -> str | None:
+    """What ``tune.json`` is made from (None: no tuning asked for, so any existing one is used)."""
+    if acwt_from is not None:
+        src = read_json(acwt_from)
+        what: list = ["from", str(acwt_from), src.get("acwt"), src.get("word_ins_penalty", 0.0),
+                      src.get("priors", "count")]
+    elif tune_paths is not None:
+        what = ["tune", system.info, tune_paths.name, list(grid), config_to_dict(cfg),
+                _file_stats([_system_file(system, tune_paths.name), graph_dir / "HCLG.fst",
+                             tune_paths.feats_dir / "index.jsonl", tune_paths.manifest,
+                             posterior_prior_path(system)])]
+    else:
+        return None
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_GRAPHS_READ: set[tuple] = set()
+
+
+def _check_inputs(system: System, sets: Sequence[SetPaths], graph_dir: Path, acwt_from: Path | None) -> None:
+    """Fail before anything is written: a readable graph, an acwt source, and for neural systems
+    posteriors of every set with as many frames as its features."""
+    import kaldifst
+
+    from asr.decode import DecodeError
+
+    hclg = graph_dir / "HCLG.fst"
+    if not is_done(graph_dir) or not hclg.is_file():
+        raise DecodeError(f"graph {graph_dir} is not complete (no .done or HCLG.fst): run make-graph")
+    key = tuple(_file_stats([hclg])[0])
+    if key not in _GRAPHS_READ:         # one read per graph and process, however many systems
+        fst = kaldifst.StdVectorFst.read(str(hclg))
+        if fst is None or fst.num_states == 0:
+            raise DecodeError(f"{hclg}: unreadable or empty graph (truncated or corrupt?); rebuild it with make-graph")
+        del fst
+        _GRAPHS_READ.add(key)
+    if acwt_from is not None and not acwt_from.is_file():
+        raise FileNotFoundError(f"{acwt_from}: no such tune.json (--acwt-from)")
+    if system.kind == "gmm":
+        return
+    for paths in sets:
+        post = np.load(_post_path(system, paths.name), mmap_mode="r", allow_pickle=False)
+        frames = FeatureStore(paths.feats_dir).num_frames_total
+        if post.ndim != 2 or post.shape[0] != frames:
+            raise SystemDirError(f"{system.name}: {_post_path(system, paths.name)} has shape {post.shape}, "
+                                 f"but {paths.feats_dir} has {frames} frames; recompute the posteriors")
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Rename a complete result folder onto ``final``; the previous one goes only after that."""
+    stale = final.with_name(f".{final.name}.stale")
+    if stale.exists():
+        shutil.rmtree(stale)
+    if final.exists():
+        os.replace(final, stale)
+    os.replace(new, final)
+    if stale.exists():
+        shutil.rmtree(stale)
 
 
 def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph_dir: str | os.PathLike,
@@ -287,7 +361,9 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
     graph_dir, lang_dir = Path(graph_dir), Path(lang_dir)
     out_dir = Path(out_root) / system.name
     acwt_from = Path(acwt_from) if acwt_from else None
-    _clear_if_stale(out_dir, _fingerprint(system, sets, graph_dir, cfg, tune_set, acwt_from, acwt_grid))
+    _check_inputs(system, list(sets) + ([tune_set] if tune_set else []), graph_dir, acwt_from)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "inputs.sha1").unlink(missing_ok=True)      # the old whole-system fingerprint
     log_prior = None
     if priors is not None:
         log_prior = np.log(np.load(priors, allow_pickle=False).astype(np.float64))
@@ -300,10 +376,20 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
     results = {}
     for paths in sets:
         set_dir = out_dir / paths.name
-        if is_done(set_dir):
+        used_priors = posterior_prior_path(system) if prior_kind == "posterior" else (Path(priors) if priors else None)
+        fingerprint = _set_fingerprint(system, paths, graph_dir, used_priors, cfg)
+        stamp = set_dir / "inputs.sha1"
+        if is_done(set_dir) and (set_dir / "wer.json").is_file() and stamp.is_file() \
+                and stamp.read_text().strip() == fingerprint:
             log.info("%s/%s already scored; skipping", system.name, paths.name)
             results[paths.name] = read_json(set_dir / "wer.json")
             continue
+        if set_dir.exists():
+            log.info("%s/%s: inputs changed since it was scored (or it is incomplete); decoding it again "
+                     "beside the old result", system.name, paths.name)
+        new_dir = out_dir / f".{paths.name}.new"
+        if new_dir.exists():
+            shutil.rmtree(new_dir)          # left by a killed run: decoded again from the start
         scores = _Scores(system, paths, log_prior)
         refs = _refs(paths, scores.store)
         if tuned is not None and tune_set is not None and paths.name == tune_set.name:
@@ -312,11 +398,13 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
             res = decode_many(graph_dir, lang_dir, scores.loglikes, cfg, nj=nj, utt_ids=scores.store.ids)
         labels = LabelStore(paths.ali_dir).labels if paths.ali_dir is not None else None
         results[paths.name] = score_decode(
-            set_dir, refs, {u: r.text for u, r in res.items()},
+            new_dir, refs, {u: r.text for u, r in res.items()},
             log_post=scores.frame_scores if labels is not None else None, labels=labels,
             partial=[u for u, r in res.items() if not r.reached_final],
             extra={"system": system.name, "set": paths.name, "acwt": cfg.acwt, "priors": prior_kind,
                    "word_ins_penalty": cfg.word_ins_penalty, "decode_config": config_to_dict(cfg)})
+        atomic_write_text(new_dir / "inputs.sha1", fingerprint + "\n")
+        _replace_dir(new_dir, set_dir)
     return results
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import hashlib
 import http.client
 import logging
@@ -37,9 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from asr.audio import AudioError, read_audio
 from asr.config import config_hash, load_config, write_config
-from asr.io import atomic_write_json, atomic_write_text, is_done, mark_done
+from asr.io import atomic_write_json, atomic_write_text, is_done, mark_done, read_json
 from asr.manifest import Utterance, write_manifest
 
 __all__ = [
@@ -424,25 +427,47 @@ def scan_subset(subset_dir: str | os.PathLike) -> tuple[list[_Entry], list[tuple
     return entries, problems
 
 
-def _probe(path: str) -> tuple[int, int] | str:
-    """Decode one file; ``(num_samples, sample_rate)`` or the problem as text (no exception)."""
+def _probe(path: str, min_rms_db: float) -> tuple[int, int] | str:
+    """Decode one file; ``(num_samples, sample_rate)`` or the problem as text (no exception).
+
+    Silent or near-silent audio (RMS below ``min_rms_db`` dB full scale) is a problem too: it has
+    no speech to align, and its frames would only drag the CMVN statistics down.
+    """
     try:
         x = read_audio(path, expected_sample_rate=SAMPLE_RATE)
     except AudioError as e:
         return str(e)
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    if rms < 10.0 ** (min_rms_db / 20.0):
+        level = "digital silence" if rms == 0 else f"RMS {20 * np.log10(rms):.1f} dBFS"
+        return f"{path}: silent or near-silent audio ({level}, below {min_rms_db:g} dBFS; --min-rms-db sets the threshold)"
     return int(x.shape[0]), SAMPLE_RATE
 
 
-def _probe_all(paths: list[str], nj: int) -> list[tuple[int, int] | str]:
+def _probe_all(paths: list[str], nj: int, min_rms_db: float) -> list[tuple[int, int] | str]:
     from tqdm import tqdm
 
+    probe = functools.partial(_probe, min_rms_db=min_rms_db)
     if nj <= 1 or len(paths) < 2:
-        return [_probe(p) for p in tqdm(paths, desc="decoding", unit="file", leave=False, mininterval=2)]
+        return [probe(p) for p in tqdm(paths, desc="decoding", unit="file", leave=False, mininterval=2)]
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=nj, mp_context=ctx) as pool:
         chunk = max(1, min(64, len(paths) // (4 * nj)))
-        return list(tqdm(pool.map(_probe, paths, chunksize=chunk), total=len(paths), desc="decoding",
+        return list(tqdm(pool.map(probe, paths, chunksize=chunk), total=len(paths), desc="decoding",
                          unit="file", leave=False, mininterval=2))
+
+
+def corpus_fingerprint(subset_dir: str | os.PathLike, extra: Sequence[Path] = ()) -> str:
+    """Names, sizes and mtimes of every file of a subset (and ``extra`` files): a rerun after a
+    corpus file was fixed, added or removed prepares the subset again instead of skipping it."""
+    subset_dir = Path(subset_dir)
+    h = hashlib.sha1()
+    files = sorted(p for p in subset_dir.rglob("*") if p.is_file()) + [p for p in extra if p.is_file()]
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(subset_dir) if p.is_relative_to(subset_dir) else p}\t{st.st_size}\t"
+                 f"{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,6 +480,7 @@ class PrepConfig:
     subset: str = ""
     sample_rate: int = SAMPLE_RATE
     skip_bad: bool = False
+    min_rms_db: float = -60.0      # quieter audio (RMS, dB full scale) is reported as silent
 
 
 def _format_problems(problems: list[tuple[str, str]], limit: int = 20) -> str:
@@ -465,21 +491,23 @@ def _format_problems(problems: list[tuple[str, str]], limit: int = 20) -> str:
 
 
 def prepare_subset(corpus_dir: str | os.PathLike, subset: str, out_dir: str | os.PathLike,
-                   nj: int = 1, skip_bad: bool = False) -> Path:
+                   nj: int = 1, skip_bad: bool = False, min_rms_db: float = PrepConfig.min_rms_db) -> Path:
     """Write ``out_dir/manifest.jsonl`` for one subset; see ``prepare_librispeech``."""
     root = _resolve_corpus_dir(Path(corpus_dir)).resolve()
     subset_dir = root / subset
     out_dir = Path(out_dir)
-    cfg = PrepConfig(corpus_dir=str(root), subset=subset, skip_bad=skip_bad)
+    cfg = PrepConfig(corpus_dir=str(root), subset=subset, skip_bad=skip_bad, min_rms_db=min_rms_db)
     manifest = out_dir / "manifest.jsonl"
-    if is_done(out_dir) and (out_dir / "config.yaml").is_file():
-        if config_hash(load_config(PrepConfig, out_dir / "config.yaml")) == config_hash(cfg):
-            log.info("%s: done; skipping", out_dir)
-            return manifest
     if not subset_dir.is_dir():
         raise CorpusError(f"{subset_dir}: subset folder does not exist (found: {', '.join(find_subsets(root)) or 'none'})")
+    corpus = corpus_fingerprint(subset_dir, [root / "SPEAKERS.TXT"])
+    if is_done(out_dir) and (out_dir / "config.yaml").is_file():
+        if config_hash(load_config(PrepConfig, out_dir / "config.yaml")) == config_hash(cfg) \
+                and read_json(out_dir / ".done").get("corpus") == corpus:
+            log.info("%s: done; skipping", out_dir)
+            return manifest
     entries, problems = scan_subset(subset_dir)
-    results = _probe_all([e.audio for e in entries], nj)  # type: ignore[misc]
+    results = _probe_all([e.audio for e in entries], nj, min_rms_db)  # type: ignore[misc]
     utts: list[Utterance] = []
     for e, r in zip(entries, results):
         if isinstance(r, str):
@@ -513,14 +541,15 @@ def prepare_subset(corpus_dir: str | os.PathLike, subset: str, out_dir: str | os
         atomic_write_json(out_dir / "speakers.json", {s: table[s] for s in speakers if s in table})
     write_config(cfg, out_dir)
     hours = sum(u.duration for u in utts) / 3600
-    mark_done(out_dir, {"num_utts": len(utts), "num_bad": len(problems), "hours": round(hours, 4),
+    mark_done(out_dir, {"corpus": corpus, "num_utts": len(utts), "num_bad": len(problems), "hours": round(hours, 4),
                         "num_speakers": len({u.speaker for u in utts})})
     log.info("%s: %d utterances, %.2f h, %d speakers", subset, len(utts), hours, len({u.speaker for u in utts}))
     return manifest
 
 
 def prepare_librispeech(corpus_dir: str | os.PathLike, subsets: Sequence[str] | None, out_dir: str | os.PathLike,
-                        nj: int = 1, skip_bad: bool = False) -> dict[str, Path]:
+                        nj: int = 1, skip_bad: bool = False,
+                        min_rms_db: float = PrepConfig.min_rms_db) -> dict[str, Path]:
     """Write ``out_dir/<subset>/manifest.jsonl`` for each subset (all found ones when ``None``).
 
     Each subset ends with its own ``.done``, so a rerun skips finished subsets. Every audio file is
@@ -532,7 +561,8 @@ def prepare_librispeech(corpus_dir: str | os.PathLike, subsets: Sequence[str] | 
     subsets = list(subsets) if subsets else find_subsets(corpus_dir)
     if not subsets:
         raise CorpusError(f"{corpus_dir}: no subsets found")
-    return {s: prepare_subset(corpus_dir, s, Path(out_dir) / s, nj=nj, skip_bad=skip_bad) for s in subsets}
+    return {s: prepare_subset(corpus_dir, s, Path(out_dir) / s, nj=nj, skip_bad=skip_bad, min_rms_db=min_rms_db)
+            for s in subsets}
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +596,8 @@ def _cli_prepare(args: argparse.Namespace) -> int:
     requested = _split(args.subsets)
     # "a+b" asks for the union of subsets a and b as one set.
     parts = list(dict.fromkeys(p for s in requested for p in s.split("+")))
-    prepare_librispeech(args.corpus_dir, parts or None, args.out_dir, nj=args.nj, skip_bad=args.skip_bad)
+    prepare_librispeech(args.corpus_dir, parts or None, args.out_dir, nj=args.nj, skip_bad=args.skip_bad,
+                        min_rms_db=args.min_rms_db)
     for s in requested:
         if "+" in s:
             combine_manifests(args.out_dir, s, s.split("+"))
@@ -593,4 +624,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out-dir", required=True, help="e.g. exp/librispeech/data")
     p.add_argument("--nj", type=int, default=1, help="processes for decoding the audio")
     p.add_argument("--skip-bad", action="store_true", help="list bad inputs in bad_utts.txt and go on")
+    p.add_argument("--min-rms-db", type=float, default=PrepConfig.min_rms_db,
+                   help="audio quieter than this RMS level (dB full scale) is reported as silent")
     p.set_defaults(func=_cli_prepare)

@@ -179,3 +179,12 @@ def test_mini_recipe_smoke(tmp_path: Path) -> None:
     assert mean == pytest.approx(sum(members) / 2, abs=1e-6)
     assert "test-clean" in (exp / "RESULTS.md").read_text()
     assert "member-mean" in r.stdout or "baseline" in r.stdout.lower(), "the table is printed at the end"
+    # A deleted result is noticed by the rerun, which rebuilds just that (issue 12).
+    lost = exp / "decode" / "member-seed2" / "test-clean" / "wer.json"
+    before = json.loads(lost.read_text())["wer"]
+    lost.unlink()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-5000:]
+    assert "missing" in again.stdout and "run members" in again.stdout
+    assert json.loads(lost.read_text())["wer"] == before, "the same inputs give the same result"
+    assert "run distill" not in again.stdout and "run member-seed1" not in again.stdout

@@ -1,4 +1,4 @@
-"""asr.systems: recognising system folders and discarding decode results made from other inputs."""
+"""asr.systems: recognising system folders; per-set fingerprints; stale sets replaced, never emptied."""
 
 from __future__ import annotations
 
@@ -6,22 +6,41 @@ import numpy as np
 import pytest
 
 from asr.io import atomic_write_json
-from asr.systems import SystemDirError, _clear_if_stale, open_system
+from asr.systems import SetPaths, System, SystemDirError, _replace_dir, _set_fingerprint, open_system
 
 
-def test_stale_results_are_cleared_but_logs_kept(tmp_path):
+def test_a_stale_set_is_replaced_only_by_a_complete_one(tmp_path):
     out = tmp_path / "decode" / "member-seed2"
-    _clear_if_stale(out, "aaaa")
-    (out / "dev-clean").mkdir()
-    (out / "dev-clean" / "wer.json").write_text("{}")
-    (out / "tune.json").write_text("{}")
-    (out / "log").mkdir()
-    (out / "log" / "decode.log").write_text("# asr decode ...")
-    _clear_if_stale(out, "aaaa")                      # same inputs: results kept
-    assert (out / "dev-clean" / "wer.json").is_file() and (out / "tune.json").is_file()
-    _clear_if_stale(out, "bbbb")                      # new inputs: results dropped, log kept
-    assert sorted(p.name for p in out.iterdir()) == ["inputs.sha1", "log"]
-    assert (out / "inputs.sha1").read_text().strip() == "bbbb"
+    (out / "dev-clean").mkdir(parents=True)
+    (out / "dev-clean" / "wer.json").write_text('{"wer": 1}')
+    (out / "test-clean").mkdir()
+    (out / "test-clean" / "wer.json").write_text('{"wer": 2}')
+    new = out / ".dev-clean.new"
+    new.mkdir()
+    (new / "wer.json").write_text('{"wer": 3}')
+    _replace_dir(new, out / "dev-clean")
+    assert (out / "dev-clean" / "wer.json").read_text() == '{"wer": 3}'
+    assert (out / "test-clean" / "wer.json").read_text() == '{"wer": 2}', "other sets are never touched"
+    assert sorted(p.name for p in out.iterdir()) == ["dev-clean", "test-clean"]
+
+
+def test_set_fingerprint_depends_on_that_sets_inputs_only(tmp_path):
+    from asr.decode import DecodeConfig
+
+    sysdir = tmp_path / "members" / "seed2"
+    (sysdir / "post").mkdir(parents=True)
+    for s in ("dev-clean", "test-clean"):
+        np.save(sysdir / "post" / f"{s}.npy", np.zeros((3, 7), np.float16))
+    system = System({"name": "member-seed2", "kind": "member", "seed": 2, "params": 1}, sysdir)
+    dev, test = (SetPaths.from_exp(tmp_path, s) for s in ("dev-clean", "test-clean"))
+    graph = tmp_path / "graph"
+    fp = _set_fingerprint(system, dev, graph, None, DecodeConfig())
+    assert fp == _set_fingerprint(system, dev, graph, None, DecodeConfig())
+    np.save(sysdir / "post" / "test-clean.npy", np.zeros((4, 7), np.float16))     # another set changes
+    assert fp == _set_fingerprint(system, dev, graph, None, DecodeConfig())
+    assert fp != _set_fingerprint(system, dev, graph, None, DecodeConfig(acwt=0.5))
+    np.save(sysdir / "post" / "dev-clean.npy", np.ones((4, 7), np.float16))       # its own posteriors
+    assert fp != _set_fingerprint(system, dev, graph, None, DecodeConfig())
 
 
 def test_open_system_ensemble_and_unknown(tmp_path):

@@ -18,7 +18,9 @@ asr=(asr)
 # ---- stage 1: manifests, lexicon, OOV report
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   log "stage 1: data preparation"
-  run_step "$data/manifests" "" -- \
+  manifests=(); for s in $all_sets; do manifests+=("$data/$s/manifest.jsonl"); done
+  # tree: the stamp covers the corpus files (names, sizes, mtimes), so a fixed file is picked up.
+  run_step "$data/manifests" "tree:$corpus_dir" --outputs "${manifests[*]}" -- \
     "${asr[@]}" prepare-librispeech --corpus-dir "$corpus_dir" --subsets "$(echo $all_sets | tr ' ' ,)" \
       --out-dir "$data" --nj "$nj"
   manifests=(); for s in $labelled_sets; do manifests+=("$data/$s/manifest.jsonl"); done
@@ -87,7 +89,7 @@ if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   for s in $eval_sets; do
     models=(); outs=()
     for i in $(seq 1 "$members"); do models+=("$exp/members/seed$i/model.pt"); outs+=("$exp/members/seed$i/post/$s.npy"); done
-    run_step "$exp/members/post_$s" "$exp/members $exp/feats/$s" -- \
+    run_step "$exp/members/post_$s" "$exp/members $exp/feats/$s" --outputs "${outs[*]}" -- \
       "${asr[@]}" posteriors --model "${models[@]}" --feats-dir "$exp/feats/$s" --out "${outs[@]}" --device "$device"
   done
 fi
@@ -134,7 +136,8 @@ if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   run_step "$exp/decode/member-seed1" "$exp/members $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/members/seed1" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
   if [ "$members" -gt 1 ]; then
-    run_step "$steps/members" "$exp/decode/member-seed1" -- \
+    decoded=(); for i in $(seq 2 "$members"); do decoded+=("$exp/decode/member-seed$i"); done
+    run_step "$steps/members" "$exp/decode/member-seed1" --outputs "${decoded[*]}" -- \
       "${dec[@]}" --system "${member_dirs[@]:1}" --acwt-from "$exp/decode/member-seed1/tune.json"
   fi
   # Ensembles: the largest tunes, the few others decoded for WER reuse its choice (every size has
@@ -142,17 +145,20 @@ if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   kmax=$(echo "$ensemble_sizes" | tr , '\n' | sort -n | tail -1)
   run_step "$exp/decode/ensemble-$kmax" "$exp/ensemble $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/ensemble/post_$kmax" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
-  smaller=(); for k in $(echo "$decode_ensemble_sizes" | tr , ' '); do
-    case ",$ensemble_sizes," in *",$k,"*) [ "$k" -gt 1 ] && [ "$k" -lt "$kmax" ] && smaller+=("$exp/ensemble/post_$k");; esac
+  smaller=(); decoded=(); for k in $(echo "$decode_ensemble_sizes" | tr , ' '); do
+    case ",$ensemble_sizes," in *",$k,"*)
+      [ "$k" -gt 1 ] && [ "$k" -lt "$kmax" ] && smaller+=("$exp/ensemble/post_$k") && decoded+=("$exp/decode/ensemble-$k");;
+    esac
   done
   if [ ${#smaller[@]} -gt 0 ]; then
-    run_step "$steps/ensembles" "$exp/decode/ensemble-$kmax" -- \
+    run_step "$steps/ensembles" "$exp/decode/ensemble-$kmax" --outputs "${decoded[*]}" -- \
       "${dec[@]}" --system "${smaller[@]}" --acwt-from "$exp/decode/ensemble-$kmax/tune.json"
   fi
-  # Students: each variant's chosen student tunes its own acwt and priors (soft training changes
-  # its calibration).
+  # Students: each variant's chosen student (distill*/choice.json) tunes its own acwt and priors
+  # (soft training changes its calibration).
   for variant in $students; do
-    run_step "$steps/$variant" "$exp/$variant $exp/graph $conf/decode.yaml" -- \
+    run_step "$steps/$variant" "$exp/$variant $exp/graph $conf/decode.yaml" \
+        --outputs "$exp/decode/$(student_system_name "$exp/$variant")" -- \
       "${dec[@]}" --system "$exp/$variant" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
   done
 fi

@@ -27,7 +27,6 @@ train_subsets=train-clean-100       # comma-separated; train-clean-100,train-cle
 train_config=hinton2015             # conf/<name>.yaml: hinton2015 (the paper's 8 x 2560) | small
 members=10
 ensemble_sizes=1,2,3,4,5,6,7,8,9,10
-temperatures=1,2,5,10
 students="distill_paper distill"    # student variants: conf/<name>.yaml each, trained into $exp/<name>
 transfer_subsets=""                 # unlabelled transfer sets for distillation, e.g. train-clean-360,train-other-500
 decode_ensemble_sizes=2,5
@@ -41,6 +40,7 @@ help_message="Usage: $0 (--corpus-dir DIR | --download-dir DIR) [--stage N] [--s
 . recipes/common/parse_options.sh
 . recipes/common/path.sh
 . recipes/common/stage.sh
+check_pipeline_options 9          # before any step: a rejected option leaves every output as it is
 
 if [ -z "$corpus_dir" ]; then
   [ -n "$download_dir" ] || { echo "$0: give --corpus-dir or --download-dir" >&2; exit 1; }

@@ -6,7 +6,7 @@
 #   recipes/mini/run.sh                         # everything
 #   recipes/mini/run.sh --stage 5 --stop-stage 7
 #   recipes/mini/run.sh --exp exp/smoke --num-utts 80 --members 2 --ensemble-sizes 1,2 \
-#       --temperatures 1,2 --train-overrides "epochs=1"        # a quick smoke run
+#       --transfer-utts 40 --train-overrides "epochs=1"        # a quick smoke run
 set -euo pipefail
 cd "$(dirname "$0")/../.."          # paths below are relative to the repository root
 
@@ -21,7 +21,6 @@ num_utts=1600                        # corpus size (utterances over all subsets)
 transfer_utts=2400                   # unlabelled transfer subset for distillation (0: none)
 members=10                           # ensemble members (seeds 1..N)
 ensemble_sizes=1,2,3,4,5,6,7,8,9,10  # ensemble-size curve (first k members)
-temperatures=1,2,5,10                # distillation sweep
 students="distill_paper distill"     # student variants: conf/<name>.yaml each, trained into $exp/<name>
 device=cpu
 ngpu=1
@@ -34,6 +33,8 @@ help_message="Usage: $0 [--stage N] [--stop-stage N] [--nj N] [--exp DIR] [--num
 . recipes/common/parse_options.sh
 . recipes/common/path.sh
 . recipes/common/stage.sh
+check_pipeline_options 9          # before any step: a rejected option leaves every output as it is
+check_int num_utts 1; check_int seed 0
 
 corpus_dir=$exp/corpus
 train_set=train-clean
