@@ -445,11 +445,14 @@ def tune_acwt(
 
     run([(a, w) for w in word_ins_penalties for a in acwts])
     for _ in range(max_widen if widen and len(acwts) > 1 else 0):
-        xs = sorted({a for a, _ in grid})
         b = best_row()
-        if xs[0] < b["acwt"] < xs[-1]:
+        wer_at = {r["acwt"]: r["wer"] for r in rows if r["word_ins_penalty"] == b["word_ins_penalty"]}
+        xs = sorted(wer_at)
+        # Only an edge strictly better than its neighbour says the optimum may lie beyond it.
+        low = b["acwt"] == xs[0] and wer_at[xs[0]] < wer_at[xs[1]]
+        high = b["acwt"] == xs[-1] and wer_at[xs[-1]] < wer_at[xs[-2]]
+        if not (low or high):
             break
-        low = b["acwt"] <= xs[0]
         a = xs[0] * xs[0] / xs[1] if low else xs[-1] * xs[-1] / xs[-2]
         log.info("best acwt %.4g is at the grid's %s edge: trying %.4g", b["acwt"], "lower" if low else "upper", a)
         run([(round(a, 6), b["word_ins_penalty"])])

@@ -267,3 +267,22 @@ def test_graph_with_trained_transition_probs(setup, tmp_path):
     np.save(tmp_path / "bad.npy", lp[:-1])
     with pytest.raises(GraphError, match="transition ids"):
         make_graph(d / "lang", d / "lm", tmp_path / "graph2", transition_log_probs=tmp_path / "bad.npy")
+
+
+def test_tune_acwt_widens_the_grid_when_the_best_is_at_an_edge(setup, tmp_path):
+    """Weak acoustics need a large acwt (WER falls from 80% at 0.03 to 0% at 3.0 here): a grid of
+    (0.1, 0.3) has its best at the upper edge, so points beyond it (x3 each time) are tried."""
+    d, lang, lex = setup
+    rng = np.random.default_rng(4)
+    refs, items = {}, []
+    for i, s in enumerate(TEST_SENTENCES[:3]):
+        items.append((f"t{i}", _onehot(_alignment(lang, lex, s.split(), rng), lang.num_pdfs, off=-1.0)))
+        refs[f"t{i}"] = s
+    res = tune_acwt(d / "graph", d / "lang", items, refs, None, acwts=(0.1, 0.3),
+                    cfg=DecodeConfig(beam=20.0), widen=True, max_widen=4)
+    tried = [r["acwt"] for r in res["grid"]]
+    assert tried[:2] == [0.1, 0.3] and len(tried) > 2
+    assert tried[2] == pytest.approx(0.9)                        # the grid's own ratio, past the edge
+    assert res["wer"] < min(r["wer"] for r in res["grid"][:2])   # widening found a better point
+    narrow = tune_acwt(d / "graph", d / "lang", items, refs, None, acwts=(0.1, 0.3), cfg=DecodeConfig(beam=20.0))
+    assert len(narrow["grid"]) == 2                               # without widen, the grid is the grid
