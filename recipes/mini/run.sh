@@ -27,6 +27,7 @@ ngpu=1
 train_overrides=""                   # extra TrainConfig key=value pairs, e.g. "epochs=1" (smoke runs)
 gmm_acwt_grid=0.06,0.08,0.1
 nn_acwt_grid=0.12,0.16,0.2
+labels=mono                          # frame labels: mono (monophone pdfs) | tri (tied triphone states, stage 4)
 help_message="Usage: $0 [--stage N] [--stop-stage N] [--nj N] [--exp DIR] [--num-utts N] [--members N] ..."
 
 . recipes/common/parse_options.sh
