@@ -42,7 +42,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -745,8 +745,3 @@ def _cli(args: argparse.Namespace) -> int:
               config_from_args(TreeConfig, args))
     return 0
 
-
-def iter_contexts(stats: TreeStats) -> Iterable[tuple[int, int, int, int]]:
-    """Every (left, central, right, pdf-class) seen in training."""
-    for row in stats.keys.tolist():
-        yield tuple(row)
