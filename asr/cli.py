@@ -25,6 +25,8 @@ COMMANDS = {
     "make-graph": "asr.graph",
     "train-gmm": "asr.gmm",
     "align": "asr.gmm",
+    "build-tree": "asr.tree",
+    "train-tri": "asr.tri",
     "train-members": "asr.train",
     "posteriors": "asr.train",
     "ensemble": "asr.ensemble",

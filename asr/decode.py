@@ -45,7 +45,7 @@ import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 import kaldifst
 
 from asr.config import add_config_args, config_from_args, config_to_dict
-from asr.io import atomic_write_json, atomic_write_text, is_done
+from asr.io import atomic_write_json, atomic_write_text, is_done, read_json
 
 __all__ = [
     "DecodeConfig",
@@ -160,8 +160,16 @@ class Decoder:
         if not is_done(self.graph_dir) or not hclg.is_file():
             raise DecodeError(f"graph {self.graph_dir} is not complete (run make-graph)")
         lang = load_lang(lang_dir)
-        self.num_pdfs = lang.num_pdfs
-        self._tid2pdf = np.asarray(lang.tid2pdf[1:], dtype=np.int64)   # column i-1 <- tid i
+        info_path = self.graph_dir / "info.json"
+        self.info = read_json(info_path) if info_path.is_file() else {}
+        tid_map = self.graph_dir / "tid2pdf.npy"
+        if tid_map.is_file():            # the graph's own tree (triphone graphs); older graphs: the lang's
+            tid2pdf = np.load(tid_map, allow_pickle=False)
+            self.num_pdfs = int(self.info.get("num_pdfs", int(tid2pdf.max()) + 1))
+        else:
+            tid2pdf = lang.tid2pdf
+            self.num_pdfs = lang.num_pdfs
+        self._tid2pdf = np.asarray(tid2pdf[1:], dtype=np.int64)   # column i-1 <- tid i
         self.words = _read_words(self.graph_dir / "words.txt")
         if self.words[: len(lang.words)] != lang.words:
             raise DecodeError(f"{self.graph_dir / 'words.txt'} differs from {lang.dir / 'words.txt'}: "
@@ -172,7 +180,12 @@ class Decoder:
         if cfg.word_ins_penalty:
             self.fst = _add_word_penalty(self.fst, cfg.word_ins_penalty)
         if cfg.lattice:
-            self._trans_model = lang.transition_model()
+            if self.info.get("model"):
+                from asr.gmm import load_model
+
+                self._trans_model = load_model(self.info["model"])[1]
+            else:
+                self._trans_model = lang.transition_model()
             opts = khg.LatticeFasterDecoderConfig(beam=cfg.beam, max_active=cfg.max_active,
                                                   min_active=max(cfg.min_active, 1),
                                                   lattice_beam=cfg.lattice_beam)

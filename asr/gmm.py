@@ -69,6 +69,8 @@ __all__ = [
     "gmm_features",
     "cepstra_from_fbank",
     "add_deltas",
+    "estimate",
+    "transition_tables",
     "add_cli",
 ]
 
@@ -226,10 +228,14 @@ class GmmModel:
 
     ``transition_log_probs`` ``(num_transition_ids + 1,)`` is the trained transition model's
     ``log_probs``; kaldi-hmm-gmm cannot serialise a TransitionModel, so it is rebuilt from these.
+    ``tree``: Kaldi's binary ContextDependency of a context-dependent model (``asr.tree``); None for
+    the monophone tree of ``phones``.
     """
 
     def __init__(self, weights: np.ndarray, means: np.ndarray, variances: np.ndarray, offsets: np.ndarray,
-                 transition_log_probs: np.ndarray, topo: str, phones: Sequence[int], config: dict) -> None:
+                 transition_log_probs: np.ndarray, topo: str, phones: Sequence[int], config: dict,
+                 tree: bytes | None = None) -> None:
+        self.tree = bytes(tree) if tree else None
         self.weights = np.asarray(weights, np.float64)
         self.means = np.asarray(means, np.float64)
         self.variances = np.asarray(variances, np.float64)
@@ -310,6 +316,10 @@ class GmmModel:
         return topo
 
     def ctx_dep(self) -> khg.ContextDependency:
+        if self.tree is not None:
+            from asr.tree import context_dependency_from_bytes
+
+            return context_dependency_from_bytes(self.tree)
         return khg.monophone_context_dependency(self.phones, self.topology().get_phone_to_num_pdf_classes())
 
     def transition_model(self) -> khg.TransitionModel:
@@ -331,7 +341,8 @@ class GmmModel:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, weights=self.weights, means=self.means, variances=self.variances, offsets=self.offsets,
                      transition_log_probs=self.transition_log_probs, topo=np.array(self.topo),
-                     phones=np.array(self.phones, np.int64), config=np.array(json.dumps(self.config)))
+                     phones=np.array(self.phones, np.int64), config=np.array(json.dumps(self.config)),
+                     **({"tree": np.frombuffer(self.tree, np.uint8)} if self.tree is not None else {}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GmmModel":
@@ -341,7 +352,8 @@ class GmmModel:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return cls(z["weights"], z["means"], z["variances"], z["offsets"], z["transition_log_probs"],
-                           str(z["topo"]), z["phones"].tolist(), json.loads(str(z["config"])))
+                           str(z["topo"]), z["phones"].tolist(), json.loads(str(z["config"])),
+                           z["tree"].tobytes() if "tree" in z.files else None)
         except (KeyError, ValueError, OSError) as e:
             raise GmmError(f"cannot read model {path}: {e}") from None
 
@@ -355,9 +367,19 @@ class GmmModel:
     def replace(self, **kw: Any) -> "GmmModel":
         d = dict(weights=self.weights, means=self.means, variances=self.variances, offsets=self.offsets,
                  transition_log_probs=self.transition_log_probs, topo=self.topo, phones=self.phones,
-                 config=self.config)
+                 config=self.config, tree=self.tree)
         d.update(kw)
         return GmmModel(**d)
+
+
+def transition_tables(tm: khg.TransitionModel) -> tuple[np.ndarray, np.ndarray]:
+    """``tid2pdf`` int64 ``(num_transition_ids + 1,)`` (index 0: -1) and ``pdf2phone`` int64
+    ``(num_pdfs,)`` of a transition model. With one tree root per phone every pdf has one phone."""
+    n = tm.num_transition_ids
+    tid2pdf = np.array([-1] + [tm.transition_id_to_pdf(t) for t in range(1, n + 1)], np.int64)
+    pdf2phone = np.zeros(tm.num_pdfs, np.int64)
+    pdf2phone[tid2pdf[1:]] = [tm.transition_id_to_phone(t) for t in range(1, n + 1)]
+    return tid2pdf, pdf2phone
 
 
 def _model_path(model_dir_or_file: str | os.PathLike) -> Path:
@@ -556,11 +578,8 @@ def _load_worker_model(path: str) -> None:
     ctx_dep = model.ctx_dep()
     lex = kaldifst.StdVectorFst(_W["L"])
     _W["compiler"] = khg.TrainingGraphCompiler(tm, ctx_dep, lex, lang.disambig_phone_ids, opts)
-    _W.update(model=model, tm=tm, ctx_dep=ctx_dep, lex=lex, model_path=path,
-              tid2pdf=np.array([-1] + [tm.transition_id_to_pdf(t) for t in range(1, tm.num_transition_ids + 1)],
-                               np.int64))
-    pdf2phone = np.zeros(model.num_pdfs, np.int64)
-    pdf2phone[_W["tid2pdf"][1:]] = [tm.transition_id_to_phone(t) for t in range(1, tm.num_transition_ids + 1)]
+    _W.update(model=model, tm=tm, ctx_dep=ctx_dep, lex=lex, model_path=path)
+    _W["tid2pdf"], pdf2phone = transition_tables(tm)
     _W["pdf2phone"] = pdf2phone
     _W["sil_pdfs"] = np.nonzero(np.isin(pdf2phone, lang.silence_phone_ids))[0]
 
@@ -763,6 +782,60 @@ def _feats_stamp(feats_dir: Path) -> Any:
     return read_json(feats_dir / ".done")
 
 
+def estimate(runner: "_Runner", model: GmmModel, tm: khg.TransitionModel, subset: list[str], cfg: GmmConfig,
+             out_dir: Path, first_mode: str) -> GmmModel:
+    """The estimation passes shared by the monophone and the triphone GMM (Kaldi's train_mono.sh /
+    train_deltas.sh loop): pass 0 in ``first_mode`` (``equal`` from a flat start, ``realign`` from
+    a tree-initialised model), later passes realign on ``cfg.realign_iters`` or re-accumulate;
+    each ends with an ML update of transitions and Gaussians and a split towards the Gaussian
+    budget. Writes ``out_dir/final.mdl`` and ``out_dir/log/train.csv``; returns the final model."""
+    rng = np.random.default_rng(cfg.seed)
+    num_gauss = float(model.num_pdfs)
+    inc_gauss = max(0.0, (cfg.total_gauss - num_gauss) / max(cfg.max_iter_inc, 1))
+    alis: dict[str, np.ndarray] = {}
+    rows: list[dict] = []
+    model_path = out_dir / "0.mdl"
+    model.save(model_path)
+    t_start = time.time()
+    for it in range(cfg.num_iters):
+        t0 = time.time()
+        mode = first_mode if it == 0 else ("realign" if it in cfg.realign_iters else "acc")
+        utts = subset if mode != "acc" else sorted(alis)
+        res = _run_pass(runner, mode, model_path, utts, cfg, alis, model, tm.num_transition_ids,
+                        f"gmm pass {it} ({mode})")
+        if mode != "acc":
+            alis = res["alis"]
+        st: _Stats = res["stats"]
+        if st.frames == 0:
+            raise GmmError(f"pass {it}: no utterance could be aligned ({len(res['failed'])} failed, e.g. "
+                           f"{next(iter(res['failed'].items()), ('', ''))})")
+        # ML update of transitions and Gaussians, then split towards the Gaussian budget
+        tm.mle_update(st.trans, khg.MleTransitionUpdateConfig(floor=cfg.transition_floor,
+                                                              mincount=cfg.transition_mincount))
+        pdf_occs = np.add.reduceat(st.occ, model.offsets[:-1])  # (P,) under the model of this pass
+        model = _mle_update(model, st, cfg)
+        model = _mix_up(model, pdf_occs, int(num_gauss), cfg, rng)
+        model = model.replace(transition_log_probs=np.array(tm.log_probs))
+        if it >= 1 and it <= cfg.max_iter_inc:
+            num_gauss = min(num_gauss + inc_gauss, float(cfg.total_gauss))
+        new_path = out_dir / f"{it + 1}.mdl"
+        model.save(new_path)
+        if model_path.name != "0.mdl":
+            model_path.unlink(missing_ok=True)
+        model_path = new_path
+        row = {"pass": it, "mode": mode, "utts": len(utts) - len(res["failed"]), "frames": st.frames,
+               "avg_loglike": round(st.like / st.frames, 4), "num_gauss": model.num_gauss,
+               "failed": len(res["failed"]), "retried": res["retried"], "seconds": round(time.time() - t0, 2)}
+        rows.append(row)
+        log.info("pass %d (%s): avg log-like/frame %.3f over %d frames, %d Gaussians, %d failed, %.1fs",
+                 it, mode, row["avg_loglike"], st.frames, model.num_gauss, row["failed"], row["seconds"])
+        _write_train_log(out_dir / "log" / "train.csv", rows)
+    model.save(out_dir / "final.mdl")
+    model_path.unlink(missing_ok=True)
+    log.info("training took %.1fs", time.time() - t_start)
+    return model
+
+
 def train_mono(
     feats_dir: str | os.PathLike,
     manifest_path: str | os.PathLike,
@@ -811,51 +884,9 @@ def train_mono(
                           (lang.dir / "topo").read_text(), lang.real_phone_ids, config_to_dict(cfg))
     if model.dim != cfg.feature_dim:
         raise GmmError(f"feature dim {model.dim} != configured {cfg.feature_dim}")
-    rng = np.random.default_rng(cfg.seed)
-    num_gauss = float(model.num_pdfs)
-    inc_gauss = max(0.0, (cfg.total_gauss - num_gauss) / max(cfg.max_iter_inc, 1))
-    alis: dict[str, np.ndarray] = {}
-    rows: list[dict] = []
-    model_path = out_dir / "0.mdl"
-    model.save(model_path)
-    t_start = time.time()
     with _Runner(nj, (str(feats_dir), str(lang_dir), {u: texts[u] for u in subset}, cfg)) as runner:
-        for it in range(cfg.num_iters):
-            t0 = time.time()
-            mode = "equal" if it == 0 else ("realign" if it in cfg.realign_iters else "acc")
-            utts = subset if mode != "acc" else sorted(alis)
-            res = _run_pass(runner, mode, model_path, utts, cfg, alis, model, tm.num_transition_ids,
-                            f"gmm pass {it} ({mode})")
-            if mode != "acc":
-                alis = res["alis"]
-            st: _Stats = res["stats"]
-            if st.frames == 0:
-                raise GmmError(f"pass {it}: no utterance could be aligned ({len(res['failed'])} failed, e.g. "
-                               f"{next(iter(res['failed'].items()), ('', ''))})")
-            # ML update of transitions and Gaussians, then split towards the Gaussian budget
-            tm.mle_update(st.trans, khg.MleTransitionUpdateConfig(floor=cfg.transition_floor,
-                                                                  mincount=cfg.transition_mincount))
-            pdf_occs = np.add.reduceat(st.occ, model.offsets[:-1])  # (P,) under the model of this pass
-            model = _mle_update(model, st, cfg)
-            model = _mix_up(model, pdf_occs, int(num_gauss), cfg, rng)
-            model = model.replace(transition_log_probs=np.array(tm.log_probs))
-            if it >= 1 and it <= cfg.max_iter_inc:
-                num_gauss = min(num_gauss + inc_gauss, float(cfg.total_gauss))
-            new_path = out_dir / f"{it + 1}.mdl"
-            model.save(new_path)
-            if model_path.name != "0.mdl":
-                model_path.unlink(missing_ok=True)
-            model_path = new_path
-            row = {"pass": it, "mode": mode, "utts": len(utts) - len(res["failed"]), "frames": st.frames,
-                   "avg_loglike": round(st.like / st.frames, 4), "num_gauss": model.num_gauss,
-                   "failed": len(res["failed"]), "retried": res["retried"], "seconds": round(time.time() - t0, 2)}
-            rows.append(row)
-            log.info("pass %d (%s): avg log-like/frame %.3f over %d frames, %d Gaussians, %d failed, %.1fs",
-                     it, mode, row["avg_loglike"], st.frames, model.num_gauss, row["failed"], row["seconds"])
-            _write_train_log(out_dir / "log" / "train.csv", rows)
-        model.save(out_dir / "final.mdl")
-        model_path.unlink(missing_ok=True)
-        log.info("training took %.1fs; aligning all %d training utterances", time.time() - t_start, len(texts))
+        estimate(runner, model, tm, subset, cfg, out_dir, first_mode="equal")
+    log.info("aligning all %d training utterances", len(texts))
     align(out_dir, lang_dir, feats_dir, manifest_path, ali_dir, nj=nj, train_labels=True, cfg=cfg)
     mark_done(out_dir, stamp)
     return out_dir
@@ -889,8 +920,11 @@ def align(
         if changed:
             raise GmmError(f"feature settings {changed} differ from those of model {model_file}")
     lang = load_lang(lang_dir)
-    if lang.num_pdfs != model.num_pdfs:
+    tm = model.transition_model()
+    if model.tree is None and lang.num_pdfs != model.num_pdfs:
         raise GmmError(f"model {model_file} has {model.num_pdfs} pdfs, lang {lang_dir} has {lang.num_pdfs}")
+    if sorted(tm.phones) != lang.real_phone_ids:
+        raise GmmError(f"model {model_file} and lang {lang_dir} have different phone sets")
     stamp = _done_stamp(config_hash(cfg), file_sha1(model_file), file_sha1(manifest_path), _feats_stamp(feats_dir),
                         read_json(lang_dir / ".done"), train_labels)
     if is_done(out_dir) and read_json(out_dir / ".done").get("stamp") == stamp["stamp"]:
@@ -909,11 +943,11 @@ def align(
     failed.update(res["failed"])
 
     store = source.store
-    tid2pdf = lang.tid2pdf
+    tid2pdf, pdf2phone = transition_tables(tm)
     labels = np.full(store.num_frames_total, -1, np.int32)
     pos = {u: k for k, u in enumerate(store.ids)}
-    sil_pdfs = np.array(lang.silence_pdf_ids)
-    opt_sil_pdfs = np.nonzero(lang.pdf2phone == lang.optional_silence_id)[0]
+    sil_pdfs = np.nonzero(np.isin(pdf2phone, lang.silence_phone_ids))[0]
+    opt_sil_pdfs = np.nonzero(pdf2phone == lang.optional_silence_id)[0]
     last_sil = first_sil = 0
     for u, ali in res["alis"].items():
         k = pos[u]
@@ -938,7 +972,7 @@ def align(
         "model": str(model_file.resolve()),
         "seconds": round(time.time() - t0, 2),
     }
-    write_labels(out_dir, labels, failed, lang.num_pdfs, len(store.ids),
+    write_labels(out_dir, labels, failed, model.num_pdfs, len(store.ids),
                  priors_floor=cfg.prior_floor if train_labels else None, extra_info=info)
     if failed:
         log.warning("%s: %d utterance(s) left out, listed in %s", out_dir, len(failed), out_dir / "failed.txt")

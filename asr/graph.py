@@ -17,8 +17,13 @@ homophones lack disambiguation symbols) aborts the process, so the build runs in
 (``python -m asr.graph --child ...``): a crash becomes a :class:`GraphError` that quotes the child's
 log (``graph/log/mkgraph.log``).
 
-Outputs (``graph/``): ``HCLG.fst``, ``words.txt``, ``info.json`` (states, arcs, size, build time,
-number of transition ids), ``config.yaml``, ``log/``, ``.done``.
+Outputs (``graph/``): ``HCLG.fst``, ``tid2pdf.npy`` (the pdf of every transition id: the decoder
+scores pdfs through it), ``words.txt``, ``info.json`` (states, arcs, size, build time, number of
+transition ids and pdfs, the model it was built with), ``config.yaml``, ``log/``, ``.done``.
+
+Context-dependent graphs: given a triphone GMM (``--transition-model gmm_tri``), C has context width
+3 and H is built from that model's tree and trained transition model, as Kaldi's ``mkgraph.sh``
+with a tri1 ``final.mdl``.
 
 Example::
 
@@ -162,18 +167,32 @@ def _load_transition_log_probs(path: str | os.PathLike):
     return np.asarray(arr, dtype=np.float64)
 
 
+def _model_tree(path: str | os.PathLike | None) -> bytes | None:
+    """The decision tree stored in a GMM model archive (a triphone ``final.mdl``), else None."""
+    import numpy as np
+
+    if path is None or Path(path).suffix == ".npy":
+        return None
+    p = Path(path)
+    p = p / "final.mdl" if p.is_dir() else p
+    with np.load(p, allow_pickle=False) as z:
+        return z["tree"].tobytes() if "tree" in z.files else None
+
+
 def _child_hclg(lang_dir: str, g: str, out: str, cfg: dict, transition_log_probs: str | None) -> dict:
     import kaldi_hmm_gmm as khg  # noqa: I001  (before kaldifst)
     import kaldifst
     import numpy as np
 
     from asr.lang import load_lang
+    from asr.tree import context_dependency_from_bytes
 
     gc = GraphConfig(**cfg)
     t0 = time.time()
     lang = load_lang(lang_dir)
-    ctx = lang.ctx_dep()
-    tm = lang.transition_model()
+    tree = _model_tree(transition_log_probs)
+    ctx = context_dependency_from_bytes(tree) if tree is not None else lang.ctx_dep()
+    tm = khg.TransitionModel(ctx, lang.topology())
     if transition_log_probs:
         # set the trained probabilities by one ML update whose counts are those probabilities
         lp = _load_transition_log_probs(transition_log_probs)
@@ -229,7 +248,10 @@ def _child_hclg(lang_dir: str, g: str, out: str, cfg: dict, transition_log_probs
     info["HCLG"] = fst_stats(HCLG)
     info.update(disambig_tids=len(disambig_tids), disambig_arcs_relabelled=n_rel,
                 num_transition_ids=int(tm.num_transition_ids), num_pdfs=int(tm.num_pdfs),
-                trained_transitions=bool(transition_log_probs), build_seconds=round(time.time() - t0, 3))
+                context_width=int(ctx.context_width), trained_transitions=bool(transition_log_probs),
+                build_seconds=round(time.time() - t0, 3))
+    tid2pdf = np.array([-1] + [tm.transition_id_to_pdf(t) for t in range(1, tm.num_transition_ids + 1)], np.int32)
+    np.save(out + ".tid2pdf.npy", tid2pdf)
     return info
 
 
@@ -295,11 +317,13 @@ def make_graph(
     (out_dir / ".done").unlink(missing_ok=True)
     log.info("building HCLG in %s", out_dir)
     t0 = time.time()
-    with atomic_path(out_dir / "HCLG.fst") as tmp:
+    with atomic_path(out_dir / "HCLG.fst") as tmp, atomic_path(out_dir / "tid2pdf.npy") as tmp_map:
         info = run_child("hclg", {"lang_dir": str(lang_dir), "g": str(g), "out": str(tmp),
                                   "cfg": config_to_dict(cfg),
                                   "transition_log_probs": str(ts) if ts is not None else None},
                          out_dir / "log" / "mkgraph.log", what=f"building HCLG from {lang_dir} and {g}")
+        os.replace(str(tmp) + ".tid2pdf.npy", tmp_map)
+    info["model"] = str(ts.resolve()) if ts is not None and ts.suffix != ".npy" else None
     info["wall_seconds"] = round(time.time() - t0, 3)
     info["size_mb"] = round((out_dir / "HCLG.fst").stat().st_size / 2**20, 3)
     with atomic_path(out_dir / "words.txt") as tmp:

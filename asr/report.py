@@ -2,7 +2,7 @@
 
 Everything is read from what earlier stages wrote, never recomputed from models:
 
-- ``decode/<system>/system.json``: ``{name, kind, params, seed?, members?, temperature?, hard_weight?}``
+- ``decode/<system>/system.json``: ``{name, kind, params, num_pdfs, seed?, members?, temperature?, hard_weight?}``
 - ``decode/<system>/<set>/wer.json`` (``wer`` in percent), ``frame_acc.json`` (``frame_acc``,
   percent), ``per_utt`` (Kaldi ``#csid`` lines, for the paired bootstrap)
 - ``decode/<system>/tune.json``: ``{acwt, lm_weight}`` chosen on dev by the decode stage
@@ -113,7 +113,7 @@ def discover_sets(exp_dir: str | os.PathLike) -> list[str]:
 def collect_systems(exp_dir: str | os.PathLike, sets: Sequence[str]) -> list[dict]:
     """One row per decoded system (member-mean excluded: the report computes it).
 
-    Each row: ``name, kind, params`` (+ ``seed`` / ``members`` / ``temperature`` / ``hard_weight``),
+    Each row: ``name, kind, params, num_pdfs`` (+ ``seed`` / ``members`` / ``temperature`` / ``hard_weight``),
     ``frame_acc`` and ``wer`` dicts keyed by set (None where the set was not decoded or scored).
     """
     decode = Path(exp_dir) / "decode"
@@ -139,7 +139,8 @@ def collect_systems(exp_dir: str | os.PathLike, sets: Sequence[str]) -> list[dic
             raise ReportError(f"{sj}: kind {info['kind']!r} is not one of {KINDS}")
         if info["kind"] == "member-mean":
             continue
-        row: dict[str, Any] = {"name": str(info["name"]), "kind": info["kind"], "params": info.get("params")}
+        row: dict[str, Any] = {"name": str(info["name"]), "kind": info["kind"], "params": info.get("params"),
+                               "num_pdfs": info.get("num_pdfs")}
         if info["kind"] == "member":
             if "seed" not in info:
                 raise ReportError(f"{sj}: a member needs 'seed'")
@@ -250,7 +251,8 @@ def member_mean(members: Sequence[dict], sets: Sequence[str]) -> dict | None:
     if not members:
         return None
     row: dict[str, Any] = {"name": "member-mean", "kind": "member-mean",
-                           "params": members[0].get("params"), "num_members": len(members),
+                           "params": members[0].get("params"), "num_pdfs": members[0].get("num_pdfs"),
+                           "num_members": len(members),
                            "seeds": [m["seed"] for m in members]}
     for metric in ("frame_acc", "wer"):
         row[metric] = {}

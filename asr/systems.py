@@ -61,9 +61,11 @@ class SetPaths:
     ali_dir: Path | None
 
     @classmethod
-    def from_exp(cls, exp_dir: str | os.PathLike, name: str) -> "SetPaths":
+    def from_exp(cls, exp_dir: str | os.PathLike, name: str, ali_root: str = "ali") -> "SetPaths":
+        """``ali_root``: the folder of reference alignments under ``exp_dir`` (``ali_tri`` scores a
+        triphone system against its own tied-state labels)."""
         exp = Path(exp_dir)
-        ali = exp / "ali" / name
+        ali = exp / ali_root / name
         return cls(name, exp / "data" / name / "manifest.jsonl", exp / "feats" / name,
                    ali if (ali / "labels.npy").is_file() else None)
 
@@ -102,7 +104,9 @@ def open_system(system_dir: str | os.PathLike, name: str | None = None) -> Syste
 
         model = GmmModel.load(d / "final.mdl")
         params = int(model.num_gauss * (2 * model.dim + 1))
-        info = {"name": name or "gmm-mono", "kind": "gmm", "params": params, "num_gauss": int(model.num_gauss)}
+        info = {"name": name or ("gmm-tri" if model.tree is not None else "gmm-mono"), "kind": "gmm",
+                "params": params, "num_gauss": int(model.num_gauss), "num_pdfs": int(model.num_pdfs),
+                "context": "triphone" if model.tree is not None else "monophone"}
     elif (d / "model.pt").is_file():
         meta = _model_meta(d / "model.pt")
         if meta.get("kind") == "distilled" or "temperature" in meta:
@@ -118,10 +122,13 @@ def open_system(system_dir: str | os.PathLike, name: str | None = None) -> Syste
             info = {"name": name or f"member-seed{int(meta['seed'])}", "kind": "member",
                     "params": int(meta["params"]), "seed": int(meta["seed"])}
         info["arch"] = meta.get("arch", {}).get("name") if isinstance(meta.get("arch"), dict) else None
+        info["num_pdfs"] = int(meta["num_pdfs"]) if "num_pdfs" in meta else None
     elif (d / "members.json").is_file():
         members = read_json(d / "members.json")["members"]
-        params = sum(int(_model_meta(Path(m) / "model.pt")["params"]) for m in members)
+        metas = [_model_meta(Path(m) / "model.pt") for m in members]
+        params = sum(int(m["params"]) for m in metas)
         info = {"name": name or f"ensemble-{len(members)}", "kind": "ensemble", "params": params,
+                "num_pdfs": int(metas[0]["num_pdfs"]) if metas and "num_pdfs" in metas[0] else None,
                 "members": len(members), "member_dirs": members,
                 "mode": read_json(d / "members.json").get("mode", "arithmetic")}
     else:
@@ -396,7 +403,13 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
             res = tuned                 # tuning already decoded this set at the chosen acwt
         else:
             res = decode_many(graph_dir, lang_dir, scores.loglikes, cfg, nj=nj, utt_ids=scores.store.ids)
-        labels = LabelStore(paths.ali_dir).labels if paths.ali_dir is not None else None
+        labels = None
+        if paths.ali_dir is not None:
+            ref = LabelStore(paths.ali_dir)
+            if ref.num_pdfs != scores.frame_scores.shape[1]:
+                raise SystemDirError(f"{system.name} scores {scores.frame_scores.shape[1]} pdfs, the reference "
+                                     f"alignment {paths.ali_dir} has {ref.num_pdfs} (use --ali-root of its labels)")
+            labels = ref.labels
         results[paths.name] = score_decode(
             new_dir, refs, {u: r.text for u, r in res.items()},
             log_post=scores.frame_scores if labels is not None else None, labels=labels,
@@ -408,17 +421,17 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
     return results
 
 
-def _set_paths(exp_dir: str, names: Sequence[str]) -> list[SetPaths]:
-    return [SetPaths.from_exp(exp_dir, n) for n in names]
+def _set_paths(exp_dir: str, names: Sequence[str], ali_root: str = "ali") -> list[SetPaths]:
+    return [SetPaths.from_exp(exp_dir, n, ali_root) for n in names]
 
 
 def _cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(DecodeConfig, args)
-    sets = _set_paths(args.exp_dir, args.sets)
-    tune = SetPaths.from_exp(args.exp_dir, args.tune_set) if args.tune_set else None
+    sets = _set_paths(args.exp_dir, args.sets, args.ali_root)
+    tune = SetPaths.from_exp(args.exp_dir, args.tune_set, args.ali_root) if args.tune_set else None
     grid = [float(x) for x in re.split(r"[, ]+", args.acwt_grid.strip()) if x]
     exp = Path(args.exp_dir)
-    priors = args.priors or (exp / "ali" / args.train_set / "priors.npy")
+    priors = args.priors or (exp / args.ali_root / args.train_set / "priors.npy")
     for system_dir in args.system:
         decode_system(system_dir, sets, args.graph_dir or exp / "graph", args.lang_dir or exp / "lang",
                       args.out_root or exp / "decode", cfg, priors=priors, tune_set=tune,
@@ -436,7 +449,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="system dir(s): gmm_mono/, members/seed3/, ensemble/post_10/, distill/T2/")
     p.add_argument("--sets", nargs="+", required=True, help="set names, e.g. dev-clean test-clean test-other")
     p.add_argument("--train-set", default="train-clean-100", help="set whose alignment gave the priors")
-    p.add_argument("--priors", default=None, help="priors.npy (default: <exp>/ali/<train-set>/priors.npy)")
+    p.add_argument("--priors", default=None, help="priors.npy (default: <exp>/<ali-root>/<train-set>/priors.npy)")
+    p.add_argument("--ali-root", default="ali",
+                   help="reference alignments (frame accuracy, priors) under <exp>: ali, or ali_tri for gmm-tri")
     p.add_argument("--tune-set", default=None, help="dev set on which acwt is tuned (never a test set)")
     p.add_argument("--acwt-from", default=None, help="reuse the acwt of this tune.json instead of tuning")
     p.add_argument("--acwt-grid", default="0.05,0.08,0.12,0.18,0.25", help="acwt values tried on the tune set")

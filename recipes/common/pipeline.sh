@@ -3,7 +3,7 @@
 # recipes/mini. Sourced by their run.sh after options are parsed; it expects these variables:
 #   exp corpus_dir train_set dev_sets test_sets transfer_sets conf train_conf nj members device ngpu
 #   ensemble_sizes decode_ensemble_sizes students lexicon_extra vocab_file lm_text arpa train_overrides
-#   gmm_acwt_grid nn_acwt_grid
+#   gmm_acwt_grid nn_acwt_grid labels (mono | tri; default mono)
 #   stage stop_stage
 # Every step is one `asr` call with explicit inputs and one output dir, skipped by run_step when
 # its stamp (command + config + upstream stamps) is unchanged.
@@ -42,7 +42,7 @@ fi
 
 # ---- stage 3: lang, language model, HCLG
 if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
-  log "stage 3: lang, LM, graph"
+  log "stage 3: lang, LM"
   run_step "$exp/lang" "$data/local $conf/lang.yaml" -- \
     "${asr[@]}" prepare-lang --lexicon "$data/local/lexicon.txt" --out-dir "$exp/lang" \
       --config "$conf/lang.yaml" --vocab "$vocab_file"
@@ -51,22 +51,50 @@ if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
   run_step "$exp/lm" "$exp/lang $conf/lm.yaml" -- \
     "${asr[@]}" train-lm "${lm_src[@]}" --lang-dir "$exp/lang" --out-dir "$exp/lm" \
       --config "$conf/lm.yaml" "${evals[@]}"
-  run_step "$exp/graph" "$exp/lang $exp/lm" -- \
-    "${asr[@]}" make-graph --lang-dir "$exp/lang" --lm-dir "$exp/lm" --out-dir "$exp/graph"
+  # HCLG is built in stage 4, with the trained transition model of the GMM it belongs to.
 fi
 
-# ---- stage 4: flat-start monophone GMM-HMM; frame labels for every set
+# ---- stage 4: GMM-HMMs; frame labels for every set; HCLG
+# labels=mono: the monophone GMM's pdfs are the labels (ali/) and graph/ is its HCLG.
+# labels=tri: a triphone tree and GMM (Kaldi tri1) on the monophone alignment (ali_mono/); the
+# labels are its tied states (ali/), graph/ is the context-dependent HCLG, graph_mono/ the monophone one.
+labels=${labels:-mono}
+case "$labels" in
+  mono) mono_ali=$exp/ali; mono_graph=$exp/graph ;;
+  tri) mono_ali=$exp/ali_mono; mono_graph=$exp/graph_mono ;;
+  *) log "labels must be mono or tri, got '$labels'"; exit 1 ;;
+esac
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
-  log "stage 4: GMM training and alignment"
+  log "stage 4: GMM training and alignment (labels=$labels)"
   run_step "$exp/gmm_mono" "$exp/lang $exp/feats/$train_set $conf/gmm.yaml" -- \
     "${asr[@]}" train-gmm --feats-dir "$exp/feats/$train_set" --manifest "$data/$train_set/manifest.jsonl" \
-      --lang-dir "$exp/lang" --out-dir "$exp/gmm_mono" --ali-dir "$exp/ali/$train_set" \
+      --lang-dir "$exp/lang" --out-dir "$exp/gmm_mono" --ali-dir "$mono_ali/$train_set" \
       --config "$conf/gmm.yaml" --nj "$nj"
   for s in $eval_sets; do
-    run_step "$exp/ali/$s" "$exp/gmm_mono $exp/feats/$s" -- \
+    run_step "$mono_ali/$s" "$exp/gmm_mono $exp/feats/$s" -- \
       "${asr[@]}" align --model-dir "$exp/gmm_mono" --lang-dir "$exp/lang" --feats-dir "$exp/feats/$s" \
-        --manifest "$data/$s/manifest.jsonl" --out-dir "$exp/ali/$s" --nj "$nj"
+        --manifest "$data/$s/manifest.jsonl" --out-dir "$mono_ali/$s" --nj "$nj"
   done
+  run_step "$mono_graph" "$exp/lang $exp/lm $exp/gmm_mono" -- \
+    "${asr[@]}" make-graph --lang-dir "$exp/lang" --lm-dir "$exp/lm" --out-dir "$mono_graph" \
+      --transition-model "$exp/gmm_mono"
+  if [ "$labels" = tri ]; then
+    run_step "$exp/tree" "$exp/gmm_mono $conf/tree.yaml" -- \
+      "${asr[@]}" build-tree --ali-dir "$mono_ali/$train_set" --feats-dir "$exp/feats/$train_set" \
+        --lang-dir "$exp/lang" --mono-dir "$exp/gmm_mono" --out-dir "$exp/tree" --config "$conf/tree.yaml"
+    run_step "$exp/gmm_tri" "$exp/tree $conf/tri.yaml" -- \
+      "${asr[@]}" train-tri --tree-dir "$exp/tree" --mono-dir "$exp/gmm_mono" --feats-dir "$exp/feats/$train_set" \
+        --manifest "$data/$train_set/manifest.jsonl" --lang-dir "$exp/lang" --out-dir "$exp/gmm_tri" \
+        --ali-dir "$exp/ali/$train_set" --config "$conf/tri.yaml" --nj "$nj"
+    for s in $eval_sets; do
+      run_step "$exp/ali/$s" "$exp/gmm_tri $exp/feats/$s" -- \
+        "${asr[@]}" align --model-dir "$exp/gmm_tri" --lang-dir "$exp/lang" --feats-dir "$exp/feats/$s" \
+          --manifest "$data/$s/manifest.jsonl" --out-dir "$exp/ali/$s" --nj "$nj"
+    done
+    run_step "$exp/graph" "$exp/lang $exp/lm $exp/gmm_tri" -- \
+      "${asr[@]}" make-graph --lang-dir "$exp/lang" --lm-dir "$exp/lm" --out-dir "$exp/graph" \
+        --transition-model "$exp/gmm_tri"
+  fi
 fi
 
 # torchrun for several GPUs; one process otherwise.

@@ -28,6 +28,7 @@ train_overrides=""                   # extra TrainConfig key=value pairs, e.g. "
 gmm_acwt_grid=0.06,0.08,0.1         # acwt grids tried on dev; they widen by themselves at an edge
 nn_acwt_grid=0.12,0.16,0.2
 decode_ensemble_sizes=2,5            # ensembles decoded for WER besides the largest (all get frame accuracy)
+labels=mono                          # frame labels: mono (monophone pdfs) | tri (tied triphone states, stage 4)
 help_message="Usage: $0 [--stage N] [--stop-stage N] [--nj N] [--exp DIR] [--num-utts N] [--members N] ..."
 
 . recipes/common/parse_options.sh
