@@ -16,6 +16,9 @@ Example::
     asr download-librispeech --target-dir /data --subsets dev-clean,test-clean
     asr prepare-librispeech --corpus-dir /data/LibriSpeech --subsets dev-clean,test-clean \\
         --out-dir exp/librispeech/data --nj 2
+    # a copy with train-clean-5 only: split it by speaker (data_prep/speaker_split.py)
+    asr prepare-librispeech --corpus-dir /data/LibriSpeech --split train-clean-5:train=20,dev=4,test=4 \\
+        --out-dir exp/mini_librispeech/data
 """
 
 from __future__ import annotations

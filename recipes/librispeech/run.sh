@@ -7,6 +7,8 @@
 #   recipes/librispeech/run.sh --corpus-dir /data/LibriSpeech --device cuda
 #   # download first (internet needed; resumable, md5-checked):
 #   recipes/librispeech/run.sh --download-dir /data --device cuda
+#   # a copy without dev-other/test-other (any subsets; acwt and T are tuned on the first dev set):
+#   recipes/librispeech/run.sh --corpus-dir /data/LibriSpeech --dev-sets dev-clean --test-sets test-clean
 #   # several GPUs (torchrun, DDP); 460 h of training data:
 #   recipes/librispeech/run.sh --corpus-dir /data/LibriSpeech --device cuda --ngpu 4 \
 #       --train-subsets train-clean-100,train-clean-360
