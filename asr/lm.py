@@ -31,7 +31,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
 from asr.io import file_sha1, atomic_path, atomic_write_json, is_done, mark_done, read_json
@@ -286,6 +286,28 @@ def _drop_zero_prob_ngrams(path: Path) -> int:
     return total
 
 
+def _training_transcripts(manifests: Sequence[Path], eval_texts: Mapping[str, Iterable[str]]) -> tuple[list[str], int]:
+    """Transcripts of the training manifests, less any sentence that is also a dev/test transcript.
+
+    A short sentence ("CHAPTER ONE") can be read in both a training and a test chapter; in the LM
+    it would give that test utterance a probability learnt from itself, so it is left out here.
+    """
+    held_out = {_norm(t) for texts in eval_texts.values() for t in texts}
+    kept, dropped = [], 0
+    for m in manifests:
+        for u in read_manifest(m):
+            s = _norm(u.text)
+            if not s:
+                continue
+            if s in held_out:
+                dropped += 1
+                continue
+            kept.append(s)
+    if dropped:
+        log.warning("%d training transcript(s) are also dev/test sentences; left out of the LM text", dropped)
+    return kept, dropped
+
+
 def _read_words_txt(lang_dir: Path) -> set[str]:
     path = lang_dir / "words.txt"
     if not path.is_file():
@@ -335,20 +357,25 @@ def train_lm(
     cfg: LmConfig = LmConfig(),
     eval_manifests: Mapping[str, str | os.PathLike] | None = None,
     arpa: str | os.PathLike | None = None,
+    transcripts: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Train (or take) the n-gram LM, make G and write perplexities; skipped when up to date.
 
     ``text_path``: LM training text, one sentence per line (ignored when ``arpa`` is given, but
     still checked for dev/test overlap if present). ``eval_manifests``: ``{set: manifest.jsonl}``
     whose transcripts get perplexity / OOV figures and are checked against the LM text.
+    ``transcripts``: training manifests whose transcripts are added to the LM text (real corpora
+    without an LM text of their own); a transcript identical to a dev/test sentence is left out of
+    the LM text (the acoustic training keeps it), while such a line in ``text_path`` is refused.
     Returns ``out_dir``.
     """
     lang_dir, out_dir = Path(lang_dir), Path(out_dir)
     text = Path(text_path) if text_path is not None else None
     arpa_src = Path(arpa) if arpa is not None else None
     eval_manifests = {k: Path(v) for k, v in (eval_manifests or {}).items()}
-    if arpa_src is None and text is None:
-        raise LmError("train_lm needs the LM text (text_path) or an ARPA file (arpa)")
+    trans_paths = [Path(t) for t in transcripts]
+    if arpa_src is None and text is None and not trans_paths:
+        raise LmError("train_lm needs the LM text (text_path), training transcripts or an ARPA file (arpa)")
     for p, what in ((text, "LM text"), (arpa_src, "ARPA file")):
         if p is not None and not p.is_file():
             raise LmError(f"{what} {p} does not exist")
@@ -358,6 +385,7 @@ def train_lm(
     stamp = {
         "config_hash": config_hash(cfg),
         "text_sha1": file_sha1(text) if text is not None else None,
+        "transcripts_sha1": [file_sha1(t) for t in trans_paths] or None,
         "arpa_sha1": file_sha1(arpa_src) if arpa_src is not None else None,
         "words_sha1": file_sha1(words_txt),
         "eval": {k: file_sha1(v) for k, v in sorted(eval_manifests.items())},
@@ -371,6 +399,7 @@ def train_lm(
     eval_texts = {name: [u.text for u in read_manifest(p)] for name, p in sorted(eval_manifests.items())}
     lexicon_words = _read_words_txt(lang_dir) - {"<eps>", "#0", "<s>", "</s>"}
     info: dict = {"config": config_to_dict(cfg)}
+    lm_lines: list[str] = []
     if text is not None:
         with open(text, encoding="utf-8") as f:
             lm_lines = [_norm(line) for line in f]
@@ -380,6 +409,14 @@ def train_lm(
         overlap = check_overlap(lm_lines, eval_texts, allow=cfg.allow_overlap, source=f"LM text {text}")
         info.update(text=str(text.resolve()), text_sentences=len(lm_lines),
                     overlap={k: len(v) for k, v in overlap.items()})
+    if trans_paths:
+        own, dropped = _training_transcripts(trans_paths, eval_texts)
+        lm_lines += own
+        info.update(transcripts=[str(t.resolve()) for t in trans_paths], transcript_sentences=len(own),
+                    transcripts_left_out_as_eval=dropped)
+    if (text is not None or trans_paths) and arpa_src is None:
+        if not lm_lines:
+            raise LmError("the LM text and training transcripts hold no sentence")
         lm_vocab = {w for s in lm_lines for w in s.split()}
         outside = sorted(lm_vocab - lexicon_words)
         info["text_words_not_in_lexicon"] = len(outside)
@@ -392,7 +429,7 @@ def train_lm(
         log.info("using the given ARPA model %s", arpa_src)
         _copy_arpa(arpa_src, arpa_out)
         info["arpa"] = str(arpa_src.resolve())
-    elif text is not None:
+    else:
         train_text = out_dir / "lm_train.txt"
         unk = "<UNK>"
         if cfg.oov_to_unk and unk not in lexicon_words:
@@ -441,6 +478,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-lm", help="n-gram LM (Kneser-Ney or a given ARPA), G.fst, perplexity")
     p.add_argument("--text", default=None, help="LM training text, one sentence per line")
     p.add_argument("--arpa", default=None, help="use this ARPA model (.arpa or .arpa.gz) instead of training")
+    p.add_argument("--transcripts", action="append", default=[], metavar="MANIFEST",
+                   help="add this training manifest's transcripts to the LM text (repeatable)")
     p.add_argument("--lang-dir", required=True, help="lang directory (words.txt)")
     p.add_argument("--out-dir", required=True, help="output LM directory")
     p.add_argument("--eval", action="append", default=[], metavar="NAME=MANIFEST",
@@ -451,5 +490,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(LmConfig, args)
-    train_lm(args.text, args.lang_dir, args.out_dir, cfg, _parse_eval(args.eval), arpa=args.arpa)
+    train_lm(args.text, args.lang_dir, args.out_dir, cfg, _parse_eval(args.eval), arpa=args.arpa,
+             transcripts=args.transcripts)
     return 0

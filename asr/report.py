@@ -50,6 +50,8 @@ __all__ = [
     "write_plots",
     "write_results_md",
     "build_report",
+    "data_checks",
+    "data_checks_md",
     "add_cli",
 ]
 
@@ -681,12 +683,101 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
             L += ["| T | dev frame acc. (%) |", "|---|---|"]
             L += [f"| {t} | {_f(_num(v))} |" for t, v in per_t.items()]
         L.append("")
+    L += data_checks_md(results.get("data_checks"))
     if plots:
         L += ["## Plots", ""]
         L += [f"![{p.stem}](plots/{p.name})" for p in plots]
         L.append("")
     atomic_write_text(path, "\n".join(L))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Data checks (real speech)
+
+
+def _reason_counts(path: Path, col: int = 1) -> dict[str, int]:
+    """``{reason: count}`` of a tab-separated ``id<TAB>reason`` file (bad_utts.txt, failed.txt).
+
+    Reasons are cut at the first ':' after the file name so that one cause counts once.
+    """
+    counts: dict[str, int] = {}
+    if not path.is_file():
+        return counts
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) <= col:
+            continue
+        reason = re.sub(r"^\S+\.(txt|flac|wav)(:\d+)?: ", "", parts[col].strip())[:80]
+        counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def data_checks(exp_dir: str | os.PathLike) -> dict:
+    """Per set: utterances kept and dropped (and why), OOV rates, alignment failures, silence share.
+
+    Real speech fails in ways a synthetic corpus does not (words missing from CMUdict, long
+    silences, transcripts that do not match the audio, which make alignment fail), and every one
+    of them changes what the frame accuracies and WERs measure; so the report states them. Read
+    from ``data/<set>/`` (manifest, oov.json, bad_utts.txt; a speaker split's source subset),
+    ``feats/<set>/`` (bad_utts.txt), ``ali/<set>/`` (info.json, failed.txt) and ``lm/``.
+    """
+    exp_dir = Path(exp_dir)
+    data = exp_dir / "data"
+    sets = sorted(p.parent.name for p in data.glob("*/manifest.jsonl")) if data.is_dir() else []
+    ppl = read_json(exp_dir / "lm" / "ppl.json") if (exp_dir / "lm" / "ppl.json").is_file() else {}
+    out: dict[str, dict] = {}
+    for s in sets:
+        d = data / s
+        row: dict[str, Any] = {"num_utts": sum(1 for line in open(d / "manifest.jsonl", encoding="utf-8") if line.strip())}
+        done = read_json(d / ".done") if (d / ".done").is_file() else {}
+        src = done.get("from") if isinstance(done, dict) else None
+        if src:
+            row["split_from"] = src
+        dropped = {f"data preparation: {k}": v for k, v in _reason_counts(d / "bad_utts.txt").items()}
+        if src:
+            dropped.update({f"data preparation of {src}: {k}": v
+                            for k, v in _reason_counts(data / src / "bad_utts.txt").items()})
+        dropped.update({f"features: {k}": v for k, v in _reason_counts(exp_dir / "feats" / s / "bad_utts.txt").items()})
+        dropped.update({f"alignment: {k}": v for k, v in _reason_counts(exp_dir / "ali" / s / "failed.txt").items()})
+        row["dropped"] = dropped
+        if (d / "oov.json").is_file():
+            o = read_json(d / "oov.json")
+            row["oov_rate_lexicon"] = 100 * o["oov_rate"]
+            row["oov_utt_rate_lexicon"] = 100 * o["oov_utt_rate"]
+        if s in ppl:
+            row["oov_rate_lm"] = ppl[s].get("oov_rate")
+            row["lm_ppl"] = ppl[s].get("ppl")
+        ali = exp_dir / "ali" / s / "info.json"
+        if ali.is_file():
+            a = read_json(ali)
+            row["ali_failed"] = a.get("num_failed")
+            row["ali_utts"] = a.get("num_utts")
+            row["silence_share"] = None if a.get("silence_share") is None else 100 * a["silence_share"]
+        out[s] = row
+    return out
+
+
+def data_checks_md(checks: dict | None) -> list[str]:
+    """The RESULTS.md section of :func:`data_checks` (empty without data)."""
+    if not checks:
+        return []
+    L = ["## Data checks", "",
+         "Utterances per set, words outside the lexicon (they map to `<UNK>`, spoken as SPN) and outside "
+         "the LM, alignment failures (left out of training and frame accuracy), silence share of the "
+         "frame labels.", "",
+         "| Set | Utterances | OOV lexicon (% words / % utts) | OOV LM (%) | LM ppl | Alignment failures | "
+         "Silence (% frames) | Dropped |",
+         "|---|---|---|---|---|---|---|---|"]
+    for s, r in checks.items():
+        name = s + (f" (from {r['split_from']})" if r.get("split_from") else "")
+        fails = "n/a" if r.get("ali_failed") is None else f"{r['ali_failed']} of {r.get('ali_utts')}"
+        dropped = "; ".join(f"{k} ({v})" for k, v in r["dropped"].items()) or "none"
+        L.append(f"| {name} | {r['num_utts']} | {_f(r.get('oov_rate_lexicon'))} / {_f(r.get('oov_utt_rate_lexicon'), 1)} | "
+                 f"{_f(_num(r.get('oov_rate_lm')))} | {_f(_num(r.get('lm_ppl')), 1)} | {fails} | "
+                 f"{_f(r.get('silence_share'), 1)} | {dropped} |")
+    L.append("")
+    return L
 
 
 # ---------------------------------------------------------------------------------------------
@@ -821,6 +912,7 @@ def build_report(
                             allow_incomplete=allow_incomplete)
     plots = write_plots(results, exp_dir)
     results["plots"] = [str(p.relative_to(exp_dir)) for p in plots]
+    results["data_checks"] = data_checks(exp_dir)
     json_path = exp_dir / "results.json"
     atomic_write_json(json_path, results)
     md_path = write_results_md(results, exp_dir / "RESULTS.md", plots, command=command)

@@ -16,6 +16,9 @@ Example::
     asr download-librispeech --target-dir /data --subsets dev-clean,test-clean
     asr prepare-librispeech --corpus-dir /data/LibriSpeech --subsets dev-clean,test-clean \\
         --out-dir exp/librispeech/data --nj 2
+    # a copy with train-clean-5 only: split it by speaker (data_prep/speaker_split.py)
+    asr prepare-librispeech --corpus-dir /data/LibriSpeech --split train-clean-5:train=20,dev=4,test=4 \\
+        --out-dir exp/mini_librispeech/data
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ from asr.manifest import Utterance, write_manifest
 __all__ = [
     "SLR12_URL",
     "SLR11_URL",
+    "SLR31_URL",
     "LIBRISPEECH_MD5",
+    "MINI_LIBRISPEECH_MD5",
     "LM_FILES",
     "CorpusError",
     "DownloadError",
@@ -67,6 +72,7 @@ log = logging.getLogger(__name__)
 
 SLR12_URL = "https://www.openslr.org/resources/12"
 SLR11_URL = "https://www.openslr.org/resources/11"
+SLR31_URL = "https://www.openslr.org/resources/31"
 
 # md5 of the OpenSLR SLR12 archives (<subset>.tar.gz).
 LIBRISPEECH_MD5: dict[str, str] = {
@@ -77,6 +83,13 @@ LIBRISPEECH_MD5: dict[str, str] = {
     "train-clean-100": "2a93770f6d5c6c964bc36631d331a522",
     "train-clean-360": "c0e676e450a7ff2f54aeade5171606fa",
     "train-other-500": "d1a0fd59409feb2c614ce4d30c387708",
+}
+
+# md5 of the OpenSLR SLR31 (mini-LibriSpeech) archives, as published with the resource and used by
+# other toolkits' mini_librispeech downloaders; fetched from SLR31_URL, not SLR12_URL.
+MINI_LIBRISPEECH_MD5: dict[str, str] = {
+    "train-clean-5": "5df7d4e78065366204ca6845bb08f490",
+    "dev-clean-2": "6d7ab67ac6a1d2c993d050e16d61080d",
 }
 
 # Resource 11 files fetched with ``with_lm`` (those Kaldi's egs/librispeech/s5 uses).
@@ -244,6 +257,7 @@ def download_librispeech(
     base_url: str = SLR12_URL,
     lm_base_url: str = SLR11_URL,
     lm_files: Sequence[str] = LM_FILES,
+    mini_base_url: str = SLR31_URL,
     md5s: dict[str, str] | None = None,
     extract: bool = True,
     keep_archives: bool = True,
@@ -252,14 +266,15 @@ def download_librispeech(
 ) -> Path:
     """Download (and unpack) LibriSpeech subsets into ``target_dir``; return ``target_dir/LibriSpeech``.
 
-    Archives are verified against ``md5s`` (default: the known SLR12 checksums). Resource-11 files
+    Archives are verified against ``md5s`` (default: the known SLR12 and SLR31 checksums; the
+    mini-LibriSpeech subsets ``train-clean-5`` / ``dev-clean-2`` come from ``mini_base_url``). Resource-11 files
     (lexicon, ARPA LMs) go to ``target_dir/lm`` and are verified against the resource's own
     ``md5sum.txt``, fetched first. Every step is resumable: partial files continue with HTTP Range,
     finished archives are not fetched again, unpacked subsets are marked ``.<subset>.extracted``.
     """
     target_dir = Path(target_dir)
     target_dir.mkdir(parents=True, exist_ok=True)
-    known = dict(LIBRISPEECH_MD5 if md5s is None else md5s)
+    known = dict({**LIBRISPEECH_MD5, **MINI_LIBRISPEECH_MD5} if md5s is None else md5s)
     unknown = [s for s in subsets if s not in known]
     if unknown:
         raise DownloadError(f"unknown LibriSpeech subset(s) {unknown}; known: {', '.join(sorted(known))}")
@@ -268,7 +283,8 @@ def download_librispeech(
         if marker.is_file():
             log.info("%s: already downloaded and unpacked", subset)
             continue
-        archive = download_file(f"{base_url.rstrip('/')}/{subset}.tar.gz", target_dir / f"{subset}.tar.gz",
+        url = mini_base_url if subset in MINI_LIBRISPEECH_MD5 else base_url
+        archive = download_file(f"{url.rstrip('/')}/{subset}.tar.gz", target_dir / f"{subset}.tar.gz",
                                 md5=known[subset], retries=retries, timeout=timeout)
         if extract:
             log.info("unpacking %s", archive)
@@ -574,8 +590,10 @@ def _split(s: str | None) -> list[str]:
 
 
 def _cli_download(args: argparse.Namespace) -> int:
+    lm_files = _split(args.lm_files) or LM_FILES
     download_librispeech(args.target_dir, _split(args.subsets), with_lm=not args.no_lm, base_url=args.base_url,
-                         lm_base_url=args.lm_base_url, keep_archives=not args.remove_archives)
+                         lm_base_url=args.lm_base_url, lm_files=lm_files, mini_base_url=args.mini_base_url,
+                         keep_archives=not args.remove_archives)
     return 0
 
 
@@ -593,11 +611,20 @@ def combine_manifests(out_dir: str | os.PathLike, name: str, parts: Sequence[str
 
 
 def _cli_prepare(args: argparse.Namespace) -> int:
+    from data_prep.speaker_split import parse_split, split_subset
+
     requested = _split(args.subsets)
-    # "a+b" asks for the union of subsets a and b as one set.
-    parts = list(dict.fromkeys(p for s in requested for p in s.split("+")))
+    splits = [parse_split(x, seed=args.split_seed) for x in args.split]
+    # "a+b" asks for the union of subsets a and b as one set; a split subset is prepared first.
+    parts = list(dict.fromkeys([p for s in requested for p in s.split("+")] + [x.subset for x in splits]))
     prepare_librispeech(args.corpus_dir, parts or None, args.out_dir, nj=args.nj, skip_bad=args.skip_bad,
                         min_rms_db=args.min_rms_db)
+    spk_file = _resolve_corpus_dir(Path(args.corpus_dir)) / "SPEAKERS.TXT"
+    table = read_speakers(spk_file) if spk_file.is_file() else None
+    if splits and table is None:
+        log.warning("%s not found: the speaker split cannot balance the sexes", spk_file)
+    for x in splits:
+        split_subset(args.out_dir, x, table)
     for s in requested:
         if "+" in s:
             combine_manifests(args.out_dir, s, s.split("+"))
@@ -613,6 +640,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--no-lm", action="store_true", help="skip the resource-11 LM and lexicon files")
     p.add_argument("--base-url", default=SLR12_URL)
     p.add_argument("--lm-base-url", default=SLR11_URL)
+    p.add_argument("--mini-base-url", default=SLR31_URL, help="where train-clean-5 / dev-clean-2 come from")
+    p.add_argument("--lm-files", default="", help=f"comma-separated resource-11 files (default: {','.join(LM_FILES)})")
     p.add_argument("--remove-archives", action="store_true", help="delete each archive once unpacked")
     p.set_defaults(func=_cli_download)
 
@@ -626,4 +655,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--skip-bad", action="store_true", help="list bad inputs in bad_utts.txt and go on")
     p.add_argument("--min-rms-db", type=float, default=PrepConfig.min_rms_db,
                    help="audio quieter than this RMS level (dB full scale) is reported as silent")
+    p.add_argument("--split", action="append", default=[], metavar="SUBSET:NAME=N,...",
+                   help="also split SUBSET by speaker into the named sets (counts, or fractions summing to <= 1), "
+                        "balanced by sex from SPEAKERS.TXT; e.g. train-clean-5:train=20,dev=4,test=4 (repeatable)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the speaker order of --split")
     p.set_defaults(func=_cli_prepare)

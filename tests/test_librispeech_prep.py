@@ -308,3 +308,18 @@ def test_combined_training_set(tmp_path):
     parts = read_manifest(out / "train-clean-100" / "manifest.jsonl") + \
         read_manifest(out / "train-clean-360" / "manifest.jsonl")
     assert sorted(u.id for u in both) == sorted(u.id for u in parts) and len(both) == 3
+
+
+def test_mini_librispeech_subsets_come_from_resource_31_with_published_md5(tmp_path):
+    # The fixture archive is not the real train-clean-5: served where resource 31 lives, it must be
+    # fetched from there (not from resource 12) and refused by the published md5.
+    from data_prep.librispeech import MINI_LIBRISPEECH_MD5
+
+    archive = _fake_archive(tmp_path)
+    with _Server({"31/train-clean-5.tar.gz": archive}) as srv:
+        with pytest.raises(DownloadError, match=MINI_LIBRISPEECH_MD5["train-clean-5"]):
+            download_librispeech(tmp_path / "t", ["train-clean-5"], with_lm=False, base_url=f"{srv.url}/12",
+                                 mini_base_url=f"{srv.url}/31", retries=0)
+        assert srv.ranges, "nothing was requested from resource 31"
+    assert not (tmp_path / "t" / "train-clean-5.tar.gz").exists()
+    assert set(MINI_LIBRISPEECH_MD5) == {"train-clean-5", "dev-clean-2"}

@@ -140,3 +140,35 @@ def test_malformed_arpa_is_a_clear_error(tmp_path, lang_dir):
 def test_config_validation():
     with pytest.raises(ValueError):
         LmConfig(order=0)
+
+
+# ------------------------------------------------------------------------------------------
+# LM from a user text plus the training transcripts (real corpora without an LM text)
+
+
+def test_lm_from_transcripts_refuses_dev_sentence_in_text(tmp_path, lang_dir):
+    train = _manifest(tmp_path / "train.jsonl", LM_TEXT[:9])
+    dev = _manifest(tmp_path / "dev.jsonl", ["THE DOG SAT ON THE CAT", "A CAT RAN ON THE MAT"])
+    (tmp_path / "text.txt").write_text("THE CAT SAT\nA CAT RAN ON THE MAT\n")   # holds a dev sentence
+    with pytest.raises(LmError, match="A CAT RAN ON THE MAT"):
+        train_lm(tmp_path / "text.txt", lang_dir, tmp_path / "lm", LmConfig(), {"dev": dev},
+                 transcripts=[train])
+    assert not (tmp_path / "lm" / ".done").exists()
+
+
+def test_lm_from_transcripts_leaves_out_eval_sentences(tmp_path, lang_dir):
+    # "A DOG RAN" is read in a training chapter and in a test chapter: it must not reach the LM text.
+    train = _manifest(tmp_path / "train.jsonl", LM_TEXT[:9])
+    test = _manifest(tmp_path / "test.jsonl", ["A DOG RAN", "THE CAT SAT ON A MAT"])
+    out = train_lm(None, lang_dir, tmp_path / "lm", LmConfig(), {"test": test}, transcripts=[train])
+    lines = (out / "lm_train.txt").read_text().splitlines()
+    assert "A DOG RAN" not in lines and "THE CAT SAT ON THE MAT" in lines
+    assert len(lines) == 8
+    info = json.loads((out / "info.json").read_text())
+    assert info["transcripts_left_out_as_eval"] == 1 and info["transcript_sentences"] == 8
+    assert (out / "G.fst").is_file()
+
+
+def test_lm_needs_some_source(tmp_path, lang_dir):
+    with pytest.raises(LmError, match="needs the LM text"):
+        train_lm(None, lang_dir, tmp_path / "lm", LmConfig(), {})

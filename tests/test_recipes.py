@@ -132,6 +132,52 @@ def test_librispeech_recipe_stages_1_2_on_fixture(tmp_path: Path) -> None:
     assert "run " not in again.stdout, "a rerun must skip every finished step"
 
 
+def _fixture_corpus(corpus: Path, sets: list[str], readers_per_set: int = 1) -> Path:
+    lines = []
+    for i, subset in enumerate(sets):
+        for j in range(readers_per_set):
+            reader = str(100 + 10 * i + j)
+            make_librispeech(corpus, subset, {reader: {"10": ["HELLO WORLD", "THE QUICK BROWN FOX", "IT'S A TEST"]}})
+            lines.append(f"{reader:<5}| {'FM'[j % 2]} | {subset:<16} | 0.05 | Reader {reader}\n")
+    speakers = corpus / "SPEAKERS.TXT"
+    speakers.write_text(speakers.read_text() + "".join(lines))
+    return corpus
+
+
+def test_librispeech_recipe_takes_any_dev_test_lists(tmp_path: Path) -> None:
+    # A copy without dev-other / test-other: the recipe must not ask for them.
+    corpus = _fixture_corpus(tmp_path / "LibriSpeech", ["train-clean-100", "dev-clean", "test-clean"])
+    exp = tmp_path / "exp"
+    cmd = [str(ROOT / "recipes" / "librispeech" / "run.sh"), "--corpus-dir", str(corpus), "--exp", str(exp),
+           "--stop-stage", "1", "--nj", "1", "--device", "cpu", "--dev-sets", "dev-clean", "--test-sets", "test-clean"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(p.parent.name for p in (exp / "data").glob("*/manifest.jsonl")) == \
+        ["dev-clean", "test-clean", "train-clean-100"]
+    assert (exp / "data" / "test-clean" / "oov.json").is_file()
+    r = subprocess.run(cmd[:-4] + ["--test-sets", ""], capture_output=True, text=True, env=_env())
+    assert r.returncode != 0 and "--test-sets" in r.stderr
+
+
+def test_mini_librispeech_recipe_splits_train_clean_5(tmp_path: Path) -> None:
+    """Stages 1-2 on a train-clean-5-only copy: split by speaker, features per split set, no-op rerun."""
+    corpus = _fixture_corpus(tmp_path / "LibriSpeech", ["train-clean-5"], readers_per_set=4)
+    exp = tmp_path / "exp"
+    cmd = [str(ROOT / "recipes" / "mini_librispeech" / "run.sh"), "--corpus-dir", str(corpus), "--exp", str(exp),
+           "--stop-stage", "2", "--nj", "1", "--split", "train-clean-5:train=2,dev=1,test=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    speakers = {}
+    for s in ("train", "dev", "test"):
+        rows = [json.loads(line) for line in (exp / "data" / s / "manifest.jsonl").read_text().splitlines()]
+        speakers[s] = {row["speaker"] for row in rows}
+        assert (exp / "feats" / s / "index.jsonl").is_file()
+    assert [len(v) for v in speakers.values()] == [2, 1, 1]
+    assert len(set().union(*speakers.values())) == 4
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert again.returncode == 0 and "run " not in again.stdout, "a rerun must skip every finished step"
+
+
 REQUIRED_KINDS = {"gmm", "member", "member-mean", "ensemble", "distilled"}
 
 

@@ -202,3 +202,34 @@ def test_cli_prints_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dev-clean:" in out and "test-clean:" in out and "3-member ensemble" in out
     assert (exp / "RESULTS.md").is_file() and (exp / "results.json").is_file()
+
+
+def test_data_checks_counts_drops_oov_and_silence(tmp_path):
+    """The real-speech section: dropped utterances with their reasons, OOV rates, alignment figures."""
+    from asr.report import data_checks, data_checks_md
+
+    exp = tmp_path / "exp"
+    for s, n in (("train-clean-5", 4), ("dev", 2)):
+        d = exp / "data" / s
+        d.mkdir(parents=True)
+        (d / "manifest.jsonl").write_text("".join(json.dumps({"id": f"u{i}"}) + "\n" for i in range(n)))
+    (exp / "data" / "dev" / ".done").write_text(json.dumps({"from": "train-clean-5"}))
+    (exp / "data" / "train-clean-5" / "bad_utts.txt").write_text(
+        "1-2-0003\t/c/1/2/1-2.trans.txt: empty transcript\n1-2-0004\t/c/1/2/1-2.trans.txt: empty transcript\n")
+    (exp / "data" / "dev" / "oov.json").write_text(json.dumps({"oov_rate": 0.05, "oov_utt_rate": 0.5}))
+    (exp / "ali" / "dev").mkdir(parents=True)
+    (exp / "ali" / "dev" / "info.json").write_text(json.dumps({"num_failed": 1, "num_utts": 2, "silence_share": 0.25}))
+    (exp / "ali" / "dev" / "failed.txt").write_text("u1\talignment failed (beam 100, retry beam 400)\n")
+    (exp / "lm").mkdir()
+    (exp / "lm" / "ppl.json").write_text(json.dumps({"dev": {"oov_rate": 12.5, "ppl": 300.0}}))
+    c = data_checks(exp)
+    assert set(c) == {"train-clean-5", "dev"}
+    dev = c["dev"]
+    assert dev["num_utts"] == 2 and dev["split_from"] == "train-clean-5"
+    assert dev["oov_rate_lexicon"] == pytest.approx(5.0) and dev["oov_rate_lm"] == 12.5
+    assert dev["ali_failed"] == 1 and dev["silence_share"] == pytest.approx(25.0)
+    assert dev["dropped"] == {"data preparation of train-clean-5: empty transcript": 2,
+                              "alignment: alignment failed (beam 100, retry beam 400)": 1}
+    md = "\n".join(data_checks_md(c))
+    assert "| dev (from train-clean-5) | 2 | 5.00 / 50.0 | 12.50 | 300.0 | 1 of 2 | 25.0 |" in md
+    assert data_checks_md({}) == []

@@ -5,6 +5,10 @@
 #   ensemble_sizes decode_ensemble_sizes students lexicon_extra vocab_file lm_text arpa train_overrides
 #   gmm_acwt_grid nn_acwt_grid labels (mono | tri; default mono)
 #   stage stop_stage
+# and optionally: prep_subsets (corpus subsets to read, default: every set), split_spec
+# (prepare-librispeech --split SUBSET:NAME=N,...: sets made by splitting a subset by speaker; seed
+# split_seed),
+# lm_transcripts=yes (train the LM on the training transcripts too); vocab_file may list several.
 # Every step is one `asr` call with explicit inputs and one output dir, skipped by run_step when
 # its stamp (command + config + upstream stamps) is unchanged.
 
@@ -19,10 +23,11 @@ asr=(asr)
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   log "stage 1: data preparation"
   manifests=(); for s in $all_sets; do manifests+=("$data/$s/manifest.jsonl"); done
+  split_opts=(); [ -n "${split_spec:-}" ] && split_opts=(--split "$split_spec" --split-seed "${split_seed:-0}")
   # tree: the stamp covers the corpus files (names, sizes, mtimes), so a fixed file is picked up.
   run_step "$data/manifests" "tree:$corpus_dir" --outputs "${manifests[*]}" -- \
-    "${asr[@]}" prepare-librispeech --corpus-dir "$corpus_dir" --subsets "$(echo $all_sets | tr ' ' ,)" \
-      --out-dir "$data" --nj "$nj"
+    "${asr[@]}" prepare-librispeech --corpus-dir "$corpus_dir" --subsets "${prep_subsets:-$(echo $all_sets | tr ' ' ,)}" \
+      --out-dir "$data" --nj "$nj" "${split_opts[@]}"
   manifests=(); for s in $labelled_sets; do manifests+=("$data/$s/manifest.jsonl"); done
   extra=(); [ -n "$lexicon_extra" ] && [ -f "$lexicon_extra" ] && extra=(--extra "$lexicon_extra")
   run_step "$data/local" "$data/manifests $conf/lexicon.yaml" -- \
@@ -43,12 +48,20 @@ fi
 # ---- stage 3: lang, language model, HCLG
 if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
   log "stage 3: lang, LM"
+  vocabs=(); for v in $vocab_file; do vocabs+=(--vocab "$v"); done
   run_step "$exp/lang" "$data/local $conf/lang.yaml" -- \
     "${asr[@]}" prepare-lang --lexicon "$data/local/lexicon.txt" --out-dir "$exp/lang" \
-      --config "$conf/lang.yaml" --vocab "$vocab_file"
+      --config "$conf/lang.yaml" "${vocabs[@]}"
   evals=(); for s in $eval_sets; do evals+=(--eval "$s=$data/$s/manifest.jsonl"); done
-  if [ -n "$arpa" ]; then lm_src=(--arpa "$arpa"); else lm_src=(--text "$lm_text"); fi
-  run_step "$exp/lm" "$exp/lang $conf/lm.yaml" -- \
+  lm_src=(); lm_inputs="$exp/lang $conf/lm.yaml"
+  if [ -n "$arpa" ]; then lm_src=(--arpa "$arpa")
+  else
+    [ -n "$lm_text" ] && lm_src=(--text "$lm_text")
+    if [ "${lm_transcripts:-no}" = yes ]; then   # a user's text plus the training transcripts
+      lm_src+=(--transcripts "$data/$train_set/manifest.jsonl"); lm_inputs+=" $lm_text"
+    fi
+  fi
+  run_step "$exp/lm" "$lm_inputs" -- \
     "${asr[@]}" train-lm "${lm_src[@]}" --lang-dir "$exp/lang" --out-dir "$exp/lm" \
       --config "$conf/lm.yaml" "${evals[@]}"
   # HCLG is built in stage 4, with the trained transition model of the GMM it belongs to.

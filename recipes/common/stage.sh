@@ -170,6 +170,7 @@ check_pipeline_options() {
   check_positive_list gmm_acwt_grid
   check_positive_list nn_acwt_grid
   check_students
+  check_one_of labels mono tri
 }
 
 # check_students: every student variant is distill or distill_<name> with a conf/<variant>.yaml.

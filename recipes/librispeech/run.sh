@@ -7,6 +7,8 @@
 #   recipes/librispeech/run.sh --corpus-dir /data/LibriSpeech --device cuda
 #   # download first (internet needed; resumable, md5-checked):
 #   recipes/librispeech/run.sh --download-dir /data --device cuda
+#   # a copy without dev-other/test-other (any subsets; acwt and T are tuned on the first dev set):
+#   recipes/librispeech/run.sh --corpus-dir /data/LibriSpeech --dev-sets dev-clean --test-sets test-clean
 #   # several GPUs (torchrun, DDP); 460 h of training data:
 #   recipes/librispeech/run.sh --corpus-dir /data/LibriSpeech --device cuda --ngpu 4 \
 #       --train-subsets train-clean-100,train-clean-360
@@ -24,6 +26,8 @@ lm_dir=""                           # resource-11 files (3-gram.pruned.3e-7.arpa
                                     # librispeech-vocab.txt); default: $download_dir or $corpus_dir
 lm=tgsmall                          # tgsmall (3-gram.pruned.3e-7) | tgmed (3-gram.pruned.1e-7)
 train_subsets=train-clean-100       # comma-separated; train-clean-100,train-clean-360(,train-other-500)
+dev_sets=dev-clean,dev-other        # comma-separated; acwt and T are tuned on the first
+test_sets=test-clean,test-other     # comma-separated; any subsets the copy holds
 train_config=hinton2015             # conf/<name>.yaml: hinton2015 (the paper's 8 x 2560) | small
 members=10
 ensemble_sizes=1,2,3,4,5,6,7,8,9,10
@@ -47,9 +51,10 @@ if [ -z "$corpus_dir" ]; then
   [ -n "$download_dir" ] || { echo "$0: give --corpus-dir or --download-dir" >&2; exit 1; }
   corpus_dir=$download_dir/LibriSpeech
 fi
-[ -n "$lm_dir" ] || lm_dir=${download_dir:-$corpus_dir}
-dev_sets="dev-clean dev-other"
-test_sets="test-clean test-other"
+[ -n "$lm_dir" ] || lm_dir=${download_dir:+$download_dir/lm}   # download-librispeech puts them in lm/
+[ -n "$lm_dir" ] || lm_dir=$corpus_dir
+dev_sets=$(echo "$dev_sets" | tr , ' '); test_sets=$(echo "$test_sets" | tr , ' ')
+[ -n "$dev_sets" ] && [ -n "$test_sets" ] || { echo "$0: give at least one --dev-sets and one --test-sets" >&2; exit 1; }
 train_set=$(echo "$train_subsets" | tr , +)     # one training set; several subsets are merged
 transfer_sets=$(echo "$transfer_subsets" | tr , ' ')
 case $lm in
