@@ -90,7 +90,7 @@ def test_prepare_librispeech_split_option(tmp_path):
     speakers = corpus / "SPEAKERS.TXT"
     speakers.write_text(speakers.read_text() + "31   | F | train-clean-5 | 0.05 | A\n42   | M | train-clean-5 | 0.05 | B\n")
     out = tmp_path / "data"
-    args = argparse.Namespace(corpus_dir=str(corpus), subsets="", out_dir=str(out), nj=1, skip_bad=False,
+    args = argparse.Namespace(corpus_dir=str(corpus), subsets="", out_dir=str(out), nj=1, skip_bad=False, min_rms_db=-60.0,
                               split=["train-clean-5:train=2,dev=1,test=1"], split_seed=0)
     assert _cli_prepare(args) == 0
     spk = {n: {u.speaker for u in read_manifest(out / n / "manifest.jsonl")} for n in ("train", "dev", "test")}
