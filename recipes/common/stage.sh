@@ -166,7 +166,7 @@ check_pipeline_options() {
   check_int members 1
   check_int ngpu 1
   check_int_list ensemble_sizes 1 "$members"
-  check_int_list decode_ensemble_sizes 1 "$members"
+  check_int_list decode_ensemble_sizes 1      # sizes not in --ensemble-sizes are not decoded
   check_positive_list gmm_acwt_grid
   check_positive_list nn_acwt_grid
   check_students
