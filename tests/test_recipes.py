@@ -234,3 +234,28 @@ def test_mini_recipe_smoke(tmp_path: Path) -> None:
     assert "missing" in again.stdout and "run members" in again.stdout
     assert json.loads(lost.read_text())["wer"] == before, "the same inputs give the same result"
     assert "run distill" not in again.stdout and "run member-seed1" not in again.stdout
+
+
+@pytest.mark.slow
+def test_mini_recipe_smoke_tied_states(tmp_path: Path) -> None:
+    """--labels tri end to end: tree and triphone GMM in stage 4, networks on tied states, and
+    stage 8 decodes gmm-mono (its own graph and labels) beside gmm-tri."""
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "recipes" / "mini" / "conf", conf)
+    (conf / "lm.yaml").write_text("prune_threshold: 1.0e-4\n")
+    (conf / "gmm.yaml").write_text("num_iters: 8\ntotal_gauss: 300\n")
+    (conf / "train.yaml").write_text("arch: small\nepochs: 1\nthreads: 1\n")
+    exp = tmp_path / "exp"
+    cmd = [str(ROOT / "recipes" / "mini" / "run.sh"), "--exp", str(exp), "--conf", str(conf), "--labels", "tri",
+           "--num-utts", "60", "--transfer-utts", "20", "--members", "2", "--ensemble-sizes", "1,2",
+           "--gmm-acwt-grid", "0.1", "--nn-acwt-grid", "0.2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    by_name = {s["name"]: s for s in json.loads((exp / "results.json").read_text())["systems"]}
+    tied = json.loads((exp / "ali" / "train-clean" / "info.json").read_text())["num_pdfs"]
+    assert by_name["gmm-mono"]["num_pdfs"] == json.loads((exp / "ali_mono" / "train-clean" / "info.json")
+                                                         .read_text())["num_pdfs"]
+    assert by_name["gmm-tri"]["num_pdfs"] == tied != by_name["gmm-mono"]["num_pdfs"]
+    assert by_name["member-seed1"]["num_pdfs"] == tied
+    for name in ("gmm-mono", "gmm-tri", "member-seed1"):
+        assert all(math.isfinite(by_name[name]["wer"][s]) for s in ("dev-clean", "test-clean"))

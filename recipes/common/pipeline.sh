@@ -171,8 +171,14 @@ if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   log "stage 8: decoding"
   dec=("${asr[@]}" decode --exp-dir "$exp" --sets $eval_sets --train-set "$train_set" --nj "$nj" --config "$conf/decode.yaml")
   steps=$exp/decode/.steps              # stamps and logs of the multi-system steps
-  run_step "$exp/decode/gmm-mono" "$exp/gmm_mono $exp/graph $conf/decode.yaml" -- \
-    "${dec[@]}" --system "$exp/gmm_mono" --tune-set "$tune_set" --acwt-grid "$gmm_acwt_grid"
+  # The monophone GMM on its own graph and labels; with labels=tri, the triphone GMM on graph/.
+  run_step "$exp/decode/gmm-mono" "$exp/gmm_mono $mono_graph $conf/decode.yaml" -- \
+    "${dec[@]}" --system "$exp/gmm_mono" --graph-dir "$mono_graph" --ali-root "$(basename "$mono_ali")" \
+      --tune-set "$tune_set" --acwt-grid "$gmm_acwt_grid"
+  if [ "$labels" = tri ]; then
+    run_step "$exp/decode/gmm-tri" "$exp/gmm_tri $exp/graph $conf/decode.yaml" -- \
+      "${dec[@]}" --system "$exp/gmm_tri" --tune-set "$tune_set" --acwt-grid "$gmm_acwt_grid"
+  fi
   # Members share one architecture and recipe: member 1 tunes acwt and priors, the others reuse them.
   run_step "$exp/decode/member-seed1" "$exp/members $exp/graph $conf/decode.yaml" -- \
     "${dec[@]}" --system "$exp/members/seed1" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
