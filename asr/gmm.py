@@ -71,6 +71,7 @@ __all__ = [
     "add_deltas",
     "estimate",
     "transition_tables",
+    "training_subset",
     "add_cli",
 ]
 
@@ -836,6 +837,17 @@ def estimate(runner: "_Runner", model: GmmModel, tm: khg.TransitionModel, subset
     return model
 
 
+def training_subset(manifest_path: Path, feats_dir: str | os.PathLike, source: "_FeatureSource", lang: Lang,
+                    subset_utts: int) -> tuple[dict[str, list[int]], list[str]]:
+    """(transcripts as word ids, the ``subset_utts`` shortest utterances that GMM training uses;
+    all when 0): a flat start learns fastest from short utterances, as Kaldi's train_mono does."""
+    texts, _, _ = _transcripts(manifest_path, source, lang)
+    if not texts:
+        raise GmmError(f"{manifest_path}: no utterance has both features in {feats_dir} and a transcript")
+    order = sorted(texts, key=lambda u: (source.num_frames(u), u))
+    return texts, sorted(order[:subset_utts] if subset_utts > 0 else order)
+
+
 def train_mono(
     feats_dir: str | os.PathLike,
     manifest_path: str | os.PathLike,
@@ -868,11 +880,7 @@ def train_mono(
     write_config(cfg, out_dir)
 
     source = _FeatureSource(feats_dir, cfg)
-    texts, _, _ = _transcripts(manifest_path, source, lang)
-    if not texts:
-        raise GmmError(f"{manifest_path}: no utterance has both features in {feats_dir} and a transcript")
-    order = sorted(texts, key=lambda u: (source.num_frames(u), u))
-    subset = sorted(order[:cfg.subset_utts] if cfg.subset_utts > 0 else order)
+    texts, subset = training_subset(manifest_path, feats_dir, source, lang, cfg.subset_utts)
     num_frames = sum(source.num_frames(u) for u in subset)
     log.info("training on %d of %d utterances (%d frames), %d passes, up to %d Gaussians, nj=%d",
              len(subset), len(texts), num_frames, cfg.num_iters, cfg.total_gauss, nj)

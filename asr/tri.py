@@ -35,7 +35,7 @@ import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 
 from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
 from asr.gmm import (GmmError, GmmModel, _done_stamp, _feats_stamp, _FeatureSource, _model_config, _model_path,
-                     _Runner, _transcripts, align, estimate)
+                     _Runner, align, estimate, training_subset)
 from asr.io import file_sha1, is_done, mark_done, read_json
 from asr.lang import load_lang
 from asr.tree import Tree, TreeStats, context_dependency_from_bytes
@@ -122,11 +122,7 @@ def train_tri(tree_dir: str | os.PathLike, mono_dir: str | os.PathLike, feats_di
     model = model.replace(config=config_to_dict(gcfg))
     tm = model.transition_model()
     source = _FeatureSource(feats_dir, gcfg)
-    texts, _, _ = _transcripts(manifest_path, source, lang)
-    if not texts:
-        raise GmmError(f"{manifest_path}: no utterance has both features in {feats_dir} and a transcript")
-    order = sorted(texts, key=lambda u: (source.num_frames(u), u))
-    subset = sorted(order[:cfg.subset_utts] if cfg.subset_utts > 0 else order)
+    texts, subset = training_subset(manifest_path, feats_dir, source, lang, cfg.subset_utts)
     log.info("triphone GMM: %d pdfs, training on %d of %d utterances, %d passes, up to %d Gaussians, nj=%d",
              model.num_pdfs, len(subset), len(texts), cfg.num_iters, cfg.total_gauss, nj)
     with _Runner(nj, (str(feats_dir), str(lang_dir), {u: texts[u] for u in subset}, gcfg)) as runner:
