@@ -625,7 +625,8 @@ def accumulate_tree_stats(ali_dir: str | os.PathLike, feats_dir: str | os.PathLi
     """Kaldi's ``acc-tree-stats`` on the labels of ``ali_dir`` (monophone pdfs) with the features of
     the monophone GMM of ``mono_dir``. Utterances left out of the alignment are skipped."""
     from asr.features import FeatureStore
-    from asr.gmm import GmmModel, _FeatureSource, _model_config, _model_path
+    from asr.cepstra import GmmFeatureSource
+    from asr.gmm_model import GmmModel, _model_config, _model_path
     from asr.labels import LabelStore
     from asr.lang import load_lang
 
@@ -638,7 +639,7 @@ def accumulate_tree_stats(ali_dir: str | os.PathLike, feats_dir: str | os.PathLi
         raise TreeError(f"{ali_dir}: {labels.num_pdfs} pdfs, the monophone lang {lang_dir} has {lang.num_pdfs}")
     store = FeatureStore(feats_dir)
     labels.check_matches(store)
-    source = _FeatureSource(feats_dir, _model_config(model))
+    source = GmmFeatureSource(feats_dir, _model_config(model))
     pdf_phone, pdf_class = mono_pdf_maps(lang)
     parts, keys_buf, feats_buf, n_buf = [], [], [], 0
     used = frames = 0
@@ -670,7 +671,7 @@ def make_tree(ali_dir: str | os.PathLike, feats_dir: str | os.PathLike, lang_dir
               mono_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TreeConfig = TreeConfig()) -> Path:
     """Accumulate tree statistics, build and write the tree (``out_dir/tree``); skipped when done
     with the same inputs and config."""
-    from asr.gmm import _model_path
+    from asr.gmm_model import _model_path
     from asr.lang import load_lang
 
     ali_dir, feats_dir, lang_dir, out_dir = Path(ali_dir), Path(feats_dir), Path(lang_dir), Path(out_dir)

@@ -1,4 +1,5 @@
-"""Tests for asr.gmm and asr.labels on a tiny espeak-ng corpus built once per session."""
+"""Tests for asr.gmm, asr.gmm_model, asr.align, asr.cepstra and asr.labels on a tiny espeak-ng corpus
+built once per session."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import pytest
 
 import kaldi_hmm_gmm as khg  # noqa: F401  (before kaldifst)
 
-from asr.gmm import GmmConfig, GmmModel, GmmScorer, add_deltas, align, cepstra_from_fbank, load_model, train_mono
+from asr.align import align
+from asr.cepstra import add_deltas, cepstra_from_fbank
+from asr.gmm import train_mono
+from asr.gmm_model import GmmConfig, GmmModel, GmmScorer, load_model
 from asr.labels import LabelError, LabelStore, count_priors
 
 # Every speaker (an espeak-ng voice, rate and pitch) reads every sentence; the voices differ so that

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from asr.decode import DecodeConfig, Decoder, decode_many
-from asr.gmm import GmmModel
+from asr.gmm_model import GmmModel
 from asr.graph import make_graph
 from asr.lang import load_lang, prepare_lang
 from asr.lm import LmConfig, train_lm
@@ -331,7 +331,7 @@ def test_triphone_gmm_trains_and_aligns(tiny_tri):
     assert set(lab.failed) == set(mono.failed)
     # the tied states refine the monophone states: every triphone pdf has one central phone
     tm = model.transition_model()
-    from asr.gmm import transition_tables
+    from asr.gmm_model import transition_tables
 
     _, pdf2phone = transition_tables(tm)
     lang = load_lang(c["lang"])
