@@ -35,7 +35,8 @@ import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 import kaldifst
 
 from asr.cepstra import GmmFeatureSource
-from asr.config import add_config_args, config_from_args, config_hash, parse_kv, write_config
+from asr.config import (add_config_args, config_hash, exit_if_print_config, parse_kv, resolve_config_args,
+                        write_config)
 from asr.gmm_model import (_FEATURE_FIELDS, GmmConfig, GmmError, GmmModel, _accumulate, _model_config, _model_path,
                            _Stats, transition_tables)
 from asr.io import file_sha1, is_done, mark_done, read_json
@@ -391,9 +392,11 @@ def _cli_align(args: argparse.Namespace) -> int:
     cfg = None
     if args.config or args.overrides:
         base = _model_config(GmmModel.load(_model_path(args.model_dir)))
-        cfg = config_from_args(GmmConfig, args)
+        cfg = resolve_config_args(GmmConfig, args)
         cfg = dataclasses.replace(cfg, **{f: getattr(base, f) for f in _FEATURE_FIELDS
                                           if f not in parse_kv(args.overrides)})
+    if args.print_config:   # without --config / --set, the model's own training config aligns
+        exit_if_print_config(args, cfg or _model_config(GmmModel.load(_model_path(args.model_dir))))
     align(args.model_dir, args.lang_dir, args.feats_dir, args.manifest, args.out_dir, nj=args.nj,
           train_labels=args.train_labels, cfg=cfg)
     return 0
