@@ -3,12 +3,12 @@ built once per session."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_tool
 
 import kaldi_hmm_gmm as khg  # noqa: F401  (before kaldifst)
 
@@ -107,8 +107,7 @@ TINY_CFG = GmmConfig(num_iters=12, max_iter_inc=8, total_gauss=400, realign_iter
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
+    require_tool("espeak-ng")
     import torch
 
     torch.set_num_threads(1)

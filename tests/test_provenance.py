@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
+
+from conftest import require_tool
 
 from asr.provenance import PACKAGES, cpu_model, git_commit, package_versions, provenance
 
@@ -45,8 +46,7 @@ def test_provenance_holds_what_the_figures_depend_on() -> None:
     assert p["packages"]["kaldi-hmm-gmm"] == metadata.version("kaldi-hmm-gmm")
     assert p["torch_threads"] == torch.get_num_threads()
     assert p["cpu"] and p["platform"]
-    espeak = shutil.which("espeak-ng")
-    assert espeak is not None, "espeak-ng is not installed: apt-get install espeak-ng (scripts/setup.sh does)"
+    espeak = require_tool("espeak-ng")
     want = subprocess.run([espeak, "--version"], capture_output=True, text=True).stdout.strip()
     assert p["espeak_ng"] == want and "espeak" in want.lower()
     json.dumps(p)   # JSON-ready

@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import shutil
 
 import kaldi_hmm_gmm as khg  # noqa: I001  (before kaldifst)
 import numpy as np
 import pytest
+from conftest import require_tool
 
 from asr.decode import DecodeConfig, Decoder, decode_many
 from asr.gmm_model import GmmModel
@@ -293,8 +293,7 @@ def test_cd_graph_decodes_reference_alignment(cd_setup):
 
 @pytest.fixture(scope="module")
 def tiny_tri(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
+    require_tool("espeak-ng")
     from test_gmm import TINY_CFG, make_tiny_corpus
 
     from asr.gmm import train_mono
