@@ -581,8 +581,11 @@ def _student_schedule(cfg: DistillConfig, train_cfg: Any) -> Any:
 
 
 def _check_same_arch(student: StackedModel, teacher_path: Path, teacher: StackedModel) -> None:
-    if (student.arch, student.input_feat_dim, student.num_pdfs) != (teacher.arch, teacher.input_feat_dim,
-                                                                    teacher.num_pdfs):
+    """Same layers and sizes; dropout is a training setting (the student's schedule), not a layer."""
+    def shape(m: StackedModel) -> tuple:
+        return dataclasses.replace(m.arch, dropout=0.0), m.input_feat_dim, m.num_pdfs
+
+    if shape(student) != shape(teacher):
         raise DistillError(f"student architecture {student.arch} ({student.input_feat_dim} -> "
                            f"{student.num_pdfs}) differs from the teacher's in {teacher_path}: "
                            f"{teacher.arch} ({teacher.input_feat_dim} -> {teacher.num_pdfs})")

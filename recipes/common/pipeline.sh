@@ -3,7 +3,7 @@
 # recipes/mini. Sourced by their run.sh after options are parsed; it expects these variables:
 #   exp corpus_dir train_set dev_sets test_sets transfer_sets conf train_conf nj members device ngpu
 #   ensemble_sizes decode_ensemble_sizes students lexicon_extra vocab_file lm_text arpa train_overrides
-#   gmm_acwt_grid nn_acwt_grid labels (mono | tri; default mono)
+#   gmm_acwt_grid nn_acwt_grid labels (tri | mono; default tri)
 #   stage stop_stage
 # and optionally: prep_subsets (corpus subsets to read, default: every set), split_spec
 # (prepare-librispeech --split SUBSET:NAME=N,...: sets made by splitting a subset by speaker; seed
@@ -72,7 +72,7 @@ fi
 # labels=mono: the monophone GMM's pdfs are the labels (ali/) and graph/ is its HCLG.
 # labels=tri: a triphone tree and GMM (Kaldi tri1) on the monophone alignment (ali_mono/); the
 # labels are its tied states (ali/), graph/ is the context-dependent HCLG, graph_mono/ the monophone one.
-labels=${labels:-mono}
+labels=${labels:-tri}
 case "$labels" in
   mono) mono_ali=$exp/ali; mono_graph=$exp/graph ;;
   tri) mono_ali=$exp/ali_mono; mono_graph=$exp/graph_mono ;;
