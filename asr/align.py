@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import multiprocessing
@@ -35,11 +33,10 @@ import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 import kaldifst
 
 from asr.cepstra import GmmFeatureSource
-from asr.config import (add_config_args, config_hash, exit_if_print_config, parse_kv, resolve_config_args,
-                        write_config)
+from asr.config import add_config_args, exit_if_print_config, parse_kv, resolve_config_args, write_config
 from asr.gmm_model import (_FEATURE_FIELDS, GmmConfig, GmmError, GmmModel, _accumulate, _model_config, _model_path,
                            _Stats, transition_tables)
-from asr.io import file_sha1, is_done, mark_done, read_json
+from asr.io import mark_done
 from asr.labels import write_labels
 from asr.lang import Lang, load_lang
 from asr.manifest import read_manifest
@@ -47,20 +44,6 @@ from asr.manifest import read_manifest
 __all__ = ["align", "add_cli"]
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Stamps of the inputs
-
-
-def _done_stamp(*parts: Any) -> dict:
-    return {"stamp": hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]}
-
-
-def _feats_stamp(feats_dir: Path) -> Any:
-    if not is_done(feats_dir):
-        raise GmmError(f"feature dir {feats_dir} is not complete (run make-feats first)")
-    return read_json(feats_dir / ".done")
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,11 +293,6 @@ def align(
         raise GmmError(f"model {model_file} has {model.num_pdfs} pdfs, lang {lang_dir} has {lang.num_pdfs}")
     if sorted(tm.phones) != lang.real_phone_ids:
         raise GmmError(f"model {model_file} and lang {lang_dir} have different phone sets")
-    stamp = _done_stamp(config_hash(cfg), file_sha1(model_file), file_sha1(manifest_path), _feats_stamp(feats_dir),
-                        read_json(lang_dir / ".done"), train_labels)
-    if is_done(out_dir) and read_json(out_dir / ".done").get("stamp") == stamp["stamp"]:
-        log.info("%s is up to date; skipping", out_dir)
-        return out_dir
     (out_dir / ".done").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out_dir)
@@ -363,7 +341,7 @@ def align(
         log.warning("%s: %d utterance(s) left out, listed in %s", out_dir, len(failed), out_dir / "failed.txt")
     log.info("%s: %d utterances aligned, %d failed, silence share %.3f, %.1fs", out_dir, num_aligned, len(failed),
              info["silence_share"], info["seconds"])
-    mark_done(out_dir, stamp)
+    mark_done(out_dir)
     return out_dir
 
 

@@ -581,8 +581,11 @@ def _student_schedule(cfg: DistillConfig, train_cfg: Any) -> Any:
 
 
 def _check_same_arch(student: StackedModel, teacher_path: Path, teacher: StackedModel) -> None:
-    if (student.arch, student.input_feat_dim, student.num_pdfs) != (teacher.arch, teacher.input_feat_dim,
-                                                                    teacher.num_pdfs):
+    """Same layers and sizes; dropout is a training setting (the student's schedule), not a layer."""
+    def shape(m: StackedModel) -> tuple:
+        return dataclasses.replace(m.arch, dropout=0.0), m.input_feat_dim, m.num_pdfs
+
+    if shape(student) != shape(teacher):
         raise DistillError(f"student architecture {student.arch} ({student.input_feat_dim} -> "
                            f"{student.num_pdfs}) differs from the teacher's in {teacher_path}: "
                            f"{teacher.arch} ({teacher.input_feat_dim} -> {teacher.num_pdfs})")
@@ -711,18 +714,12 @@ def distill(
         torch.set_num_threads(train_cfg.threads)
     post_sets = dict(post_sets or {})
     transfer = [str(d) for d in transfer_feats_dirs] if cfg.transfer else []
-    model_paths = [out_dir / n / "model.pt" for n in names]
     from asr.train import RUNTIME_FIELDS
 
     stable_train = dataclasses.replace(train_cfg, **{f: getattr(type(train_cfg)(), f) for f in RUNTIME_FIELDS})
     done_key = {"config_hash": _run_hash(cfg) + "-" + config_hash(stable_train),
                 "teachers": [str(p) for p in teacher_paths], "post_sets": sorted(post_sets), "transfer": transfer}
-    if is_done(out_dir):
-        info = read_json(out_dir / ".done")
-        if all(info.get(k) == v for k, v in done_key.items()) and all(p.is_file() for p in model_paths):
-            log.info("%s is done; skipping", out_dir)
-            return model_paths
-        (out_dir / ".done").unlink()
+    (out_dir / ".done").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out_dir)
     write_config(train_cfg, out_dir, name="train_config.yaml")

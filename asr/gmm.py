@@ -30,11 +30,11 @@ import numpy as np
 
 import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 
-from asr.align import _add_config_args, _done_stamp, _feats_stamp, _run_pass, _Runner, _transcripts, align
+from asr.align import _add_config_args, _run_pass, _Runner, _transcripts, align
 from asr.cepstra import GmmFeatureSource
-from asr.config import config_from_args, config_hash, config_to_dict, write_config
+from asr.config import config_from_args, config_to_dict, write_config
 from asr.gmm_model import GmmConfig, GmmError, GmmModel, _mix_up, _mle_update, _Stats
-from asr.io import atomic_write_text, file_sha1, is_done, mark_done, read_json
+from asr.io import atomic_write_text, mark_done
 from asr.lang import Lang, load_lang
 
 __all__ = ["train_mono", "estimate", "training_subset", "add_cli"]
@@ -128,19 +128,13 @@ def train_mono(
 
     Writes ``out_dir/final.mdl`` (see ``GmmModel``), ``out_dir/log/train.csv`` (per pass: realigned
     or not, Gaussians, average log-likelihood per frame, failures, seconds), ``config.yaml`` and the
-    training-set labels with priors in ``ali_dir`` (default ``out_dir/ali_train``). Skipped when
-    done with the same inputs and config.
+    training-set labels with priors in ``ali_dir`` (default ``out_dir/ali_train``).
     """
     feats_dir, manifest_path, lang_dir, out_dir = Path(feats_dir), Path(manifest_path), Path(lang_dir), Path(out_dir)
     ali_dir = Path(ali_dir) if ali_dir is not None else out_dir / "ali_train"
     lang = load_lang(lang_dir)
     if nj < 1:
         raise ValueError(f"nj must be >= 1, got {nj}")
-    stamp = _done_stamp(config_hash(cfg), file_sha1(manifest_path), _feats_stamp(feats_dir),
-                        read_json(lang_dir / ".done"), str(ali_dir.resolve()))
-    if is_done(out_dir) and read_json(out_dir / ".done").get("stamp") == stamp["stamp"] and is_done(ali_dir):
-        log.info("%s is up to date; skipping", out_dir)
-        return out_dir
     (out_dir / ".done").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "log").mkdir(exist_ok=True)
@@ -163,7 +157,7 @@ def train_mono(
         estimate(runner, model, tm, subset, cfg, out_dir, first_mode="equal")
     log.info("aligning all %d training utterances", len(texts))
     align(out_dir, lang_dir, feats_dir, manifest_path, ali_dir, nj=nj, train_labels=True, cfg=cfg)
-    mark_done(out_dir, stamp)
+    mark_done(out_dir)
     return out_dir
 
 

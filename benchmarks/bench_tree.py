@@ -32,7 +32,9 @@ def main() -> int:
     p.add_argument("--exp", type=Path, required=True, help="experiment dir with data/ feats/ lang/ gmm_mono/ ali/")
     p.add_argument("--train-set", default="train-clean")
     p.add_argument("--align-set", default="dev-clean", help="set aligned with the triphone model")
-    p.add_argument("--mono-ali", default="ali", help="folder of the monophone alignment under --exp")
+    p.add_argument("--mono-ali", default=None,
+                   help="folder of the monophone alignment under --exp (default: ali_mono, the recipes' "
+                        "folder with tied-state labels; ali when there is none)")
     p.add_argument("--num-leaves", type=int, default=300)
     p.add_argument("--tri-dir", type=Path, default=None, help="trained triphone GMM; trains a short one when absent")
     p.add_argument("--num-iters", type=int, default=4, help="passes when training here")
@@ -50,7 +52,8 @@ def main() -> int:
 
     exp = args.exp
     lang_dir, mono = exp / "lang", exp / "gmm_mono"
-    ali = exp / args.mono_ali / args.train_set
+    mono_ali = args.mono_ali or ("ali_mono" if (exp / "ali_mono").is_dir() else "ali")
+    ali = exp / mono_ali / args.train_set
     feats = exp / "feats" / args.train_set
     lang = load_lang(lang_dir)
     topo = lang.topology()

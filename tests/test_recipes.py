@@ -183,7 +183,8 @@ REQUIRED_KINDS = {"gmm", "member", "member-mean", "ensemble", "distilled"}
 
 @pytest.mark.slow
 def test_mini_recipe_smoke(tmp_path: Path) -> None:
-    """The whole mini recipe at smoke size: tens of utterances, 2 members, 1 epoch."""
+    """The whole mini recipe at smoke size: tens of utterances, 2 members, 1 epoch; its default
+    labels are tied triphone states."""
     conf = tmp_path / "conf"
     shutil.copytree(ROOT / "recipes" / "mini" / "conf", conf)
     (conf / "lm.yaml").write_text("prune_threshold: 1.0e-4\n")   # a small graph
@@ -202,7 +203,7 @@ def test_mini_recipe_smoke(tmp_path: Path) -> None:
     by_name = {s["name"]: s for s in results["systems"]}
     choice = json.loads((exp / "distill" / "choice.json").read_text())
     reported = f"distilled-{choice['best_dir']}"
-    expected = {"gmm-mono", "member-seed1", "member-seed2", "member-mean", "ensemble-2", reported,
+    expected = {"gmm-mono", "gmm-tri", "member-seed1", "member-seed2", "member-mean", "ensemble-2", reported,
                 "distilled-paper-T2"}
     assert expected <= set(by_name), sorted(by_name)
     assert {s["kind"] for s in results["systems"]} >= REQUIRED_KINDS
@@ -238,24 +239,31 @@ def test_mini_recipe_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_mini_recipe_smoke_tied_states(tmp_path: Path) -> None:
-    """--labels tri end to end: tree and triphone GMM in stage 4, networks on tied states, and
-    stage 8 decodes gmm-mono (its own graph and labels) beside gmm-tri."""
+    """The default (tied triphone states) against --labels mono, at smoke size: with tri, stage 4
+    grows the tree and the triphone GMM, the networks train on its tied states and stage 8
+    decodes gmm-mono on its own graph and labels beside gmm-tri; with mono, the networks train on
+    the monophone pdfs and there is no triphone system."""
     conf = tmp_path / "conf"
     shutil.copytree(ROOT / "recipes" / "mini" / "conf", conf)
     (conf / "lm.yaml").write_text("prune_threshold: 1.0e-4\n")
     (conf / "gmm.yaml").write_text("num_iters: 8\ntotal_gauss: 300\n")
     (conf / "train.yaml").write_text("arch: small\nepochs: 1\nthreads: 1\n")
-    exp = tmp_path / "exp"
-    cmd = [str(ROOT / "recipes" / "mini" / "run.sh"), "--exp", str(exp), "--conf", str(conf), "--labels", "tri",
-           "--num-utts", "60", "--transfer-utts", "20", "--members", "2", "--ensemble-sizes", "1,2",
-           "--gmm-acwt-grid", "0.1", "--nn-acwt-grid", "0.2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
-    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
-    by_name = {s["name"]: s for s in json.loads((exp / "results.json").read_text())["systems"]}
-    tied = json.loads((exp / "ali" / "train-clean" / "info.json").read_text())["num_pdfs"]
-    assert by_name["gmm-mono"]["num_pdfs"] == json.loads((exp / "ali_mono" / "train-clean" / "info.json")
-                                                         .read_text())["num_pdfs"]
-    assert by_name["gmm-tri"]["num_pdfs"] == tied != by_name["gmm-mono"]["num_pdfs"]
-    assert by_name["member-seed1"]["num_pdfs"] == tied
-    for name in ("gmm-mono", "gmm-tri", "member-seed1"):
-        assert all(math.isfinite(by_name[name]["wer"][s]) for s in ("dev-clean", "test-clean"))
+    base = [str(ROOT / "recipes" / "mini" / "run.sh"), "--conf", str(conf),
+            "--num-utts", "60", "--transfer-utts", "20", "--members", "2", "--ensemble-sizes", "1,2",
+            "--gmm-acwt-grid", "0.1", "--nn-acwt-grid", "0.2", "--students", "distill"]
+    rows = {}
+    for labels in ("tri", "mono"):
+        exp = tmp_path / f"exp_{labels}"
+        r = subprocess.run(base + ["--exp", str(exp), "--labels", labels], capture_output=True, text=True, env=_env())
+        assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+        rows[labels] = {s["name"]: s for s in json.loads((exp / "results.json").read_text())["systems"]}
+        for name in ("gmm-mono", "member-seed1"):
+            assert all(math.isfinite(rows[labels][name]["wer"][s]) for s in ("dev-clean", "test-clean"))
+    tri_exp = tmp_path / "exp_tri"
+    tied = json.loads((tri_exp / "ali" / "train-clean" / "info.json").read_text())["num_pdfs"]
+    mono = json.loads((tri_exp / "ali_mono" / "train-clean" / "info.json").read_text())["num_pdfs"]
+    assert rows["tri"]["gmm-mono"]["num_pdfs"] == mono == rows["mono"]["gmm-mono"]["num_pdfs"]
+    assert rows["tri"]["gmm-tri"]["num_pdfs"] == tied != mono
+    assert rows["tri"]["member-seed1"]["num_pdfs"] == tied
+    assert rows["mono"]["member-seed1"]["num_pdfs"] == mono and "gmm-tri" not in rows["mono"]
+    assert all(math.isfinite(rows["tri"]["gmm-tri"]["wer"][s]) for s in ("dev-clean", "test-clean"))

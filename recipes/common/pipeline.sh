@@ -3,14 +3,15 @@
 # recipes/mini. Sourced by their run.sh after options are parsed; it expects these variables:
 #   exp corpus_dir train_set dev_sets test_sets transfer_sets conf train_conf nj members device ngpu
 #   ensemble_sizes decode_ensemble_sizes students lexicon_extra vocab_file lm_text arpa train_overrides
-#   gmm_acwt_grid nn_acwt_grid labels (mono | tri; default mono)
+#   gmm_acwt_grid nn_acwt_grid labels (tri | mono; default tri)
 #   stage stop_stage
 # and optionally: prep_subsets (corpus subsets to read, default: every set), split_spec
 # (prepare-librispeech --split SUBSET:NAME=N,...: sets made by splitting a subset by speaker; seed
 # split_seed),
 # lm_transcripts=yes (train the LM on the training transcripts too); vocab_file may list several.
-# Every step is one `asr` call with explicit inputs and one output dir, skipped by run_step when
-# its stamp (command + config + upstream stamps) is unchanged.
+# Every step is one `asr` call with explicit inputs and one output dir (plus, where a step writes
+# elsewhere, its --outputs), skipped by run_step (asr/step.py) when its stamp (command + config +
+# upstream stamps) is unchanged and its outputs are intact.
 
 labelled_sets="$train_set $dev_sets $test_sets"
 all_sets="$labelled_sets $transfer_sets"      # transfer sets: audio only (distillation never reads their text)
@@ -82,7 +83,7 @@ fi
 # labels=mono: the monophone GMM's pdfs are the labels (ali/) and graph/ is its HCLG.
 # labels=tri: a triphone tree and GMM (Kaldi tri1) on the monophone alignment (ali_mono/); the
 # labels are its tied states (ali/), graph/ is the context-dependent HCLG, graph_mono/ the monophone one.
-labels=${labels:-mono}
+labels=${labels:-tri}
 case "$labels" in
   mono) mono_ali=$exp/ali; mono_graph=$exp/graph ;;
   tri) mono_ali=$exp/ali_mono; mono_graph=$exp/graph_mono ;;
@@ -91,7 +92,7 @@ esac
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
   log "stage 4: GMM training and alignment (labels=$labels)"
   conf_opts gmm
-  run_step "$exp/gmm_mono" "$exp/lang $exp/feats/$train_set $(conf_input gmm)" -- \
+  run_step "$exp/gmm_mono" "$exp/lang $exp/feats/$train_set $(conf_input gmm)" --outputs "$mono_ali/$train_set" -- \
     "${asr[@]}" train-gmm --feats-dir "$exp/feats/$train_set" --manifest "$data/$train_set/manifest.jsonl" \
       --lang-dir "$exp/lang" --out-dir "$exp/gmm_mono" --ali-dir "$mono_ali/$train_set" \
       "${CONF[@]}" --nj "$nj"
@@ -109,7 +110,7 @@ if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
       "${asr[@]}" build-tree --ali-dir "$mono_ali/$train_set" --feats-dir "$exp/feats/$train_set" \
         --lang-dir "$exp/lang" --mono-dir "$exp/gmm_mono" --out-dir "$exp/tree" "${CONF[@]}"
     conf_opts tri
-    run_step "$exp/gmm_tri" "$exp/tree $(conf_input tri)" -- \
+    run_step "$exp/gmm_tri" "$exp/tree $(conf_input tri)" --outputs "$exp/ali/$train_set" -- \
       "${asr[@]}" train-tri --tree-dir "$exp/tree" --mono-dir "$exp/gmm_mono" --feats-dir "$exp/feats/$train_set" \
         --manifest "$data/$train_set/manifest.jsonl" --lang-dir "$exp/lang" --out-dir "$exp/gmm_tri" \
         --ali-dir "$exp/ali/$train_set" "${CONF[@]}" --nj "$nj"

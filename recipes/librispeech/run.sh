@@ -39,7 +39,7 @@ ngpu=1
 train_overrides=""
 gmm_acwt_grid=0.05,0.08,0.1,0.12
 nn_acwt_grid=0.1,0.15,0.2,0.3
-labels=mono                          # frame labels: mono (monophone pdfs) | tri (tied triphone states, stage 4)
+labels=tri                           # frame labels: tri (tied triphone states, stage 4) | mono (monophone pdfs)
 help_message="Usage: $0 (--corpus-dir DIR | --download-dir DIR) [--stage N] [--stop-stage N] [--device cuda] [--ngpu N] ..."
 
 . recipes/common/parse_options.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole experiment of Hinton, Vinyals & Dean (2015, section 4) on the synthetic mini corpus:
-# ten members, their ensemble, distilled students at T in {1,2,5,10}, decoded with a monophone
-# HMM back end, on 2 CPU cores. Ends by printing the results table.
+# ten members on tied triphone states, their ensemble, distilled students, decoded with a
+# context-dependent HMM back end, on 2 CPU cores. Ends by printing the results table.
 #
 #   recipes/mini/run.sh                         # everything
 #   recipes/mini/run.sh --stage 5 --stop-stage 7
@@ -18,7 +18,7 @@ exp=exp/mini                         # every output goes under this folder
 conf=recipes/mini/conf
 seed=1                               # corpus seed
 num_utts=1600                        # corpus size (utterances over all subsets)
-transfer_utts=2400                   # unlabelled transfer subset for distillation (0: none)
+transfer_utts=4800                   # unlabelled transfer subset for distillation (0: none; voices: conf/corpus.yaml)
 members=10                           # ensemble members (seeds 1..N)
 ensemble_sizes=1,2,3,4,5,6,7,8,9,10  # ensemble-size curve (first k members)
 students="distill_paper distill"     # student variants: conf/<name>.yaml each, trained into $exp/<name>
@@ -28,7 +28,7 @@ train_overrides=""                   # extra TrainConfig key=value pairs, e.g. "
 gmm_acwt_grid=0.06,0.08,0.1         # acwt grids tried on dev; they widen by themselves at an edge
 nn_acwt_grid=0.12,0.16,0.2
 decode_ensemble_sizes=2,5            # ensembles decoded for WER besides the largest (all get frame accuracy)
-labels=mono                          # frame labels: mono (monophone pdfs) | tri (tied triphone states, stage 4)
+labels=tri                           # frame labels: tri (tied triphone states, stage 4) | mono (monophone pdfs)
 help_message="Usage: $0 [--stage N] [--stop-stage N] [--nj N] [--exp DIR] [--num-utts N] [--members N] ..."
 
 . recipes/common/parse_options.sh

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Hinton, Vinyals & Dean (2015, section 4) on real speech that fits a CPU: mini-LibriSpeech
 # (OpenSLR resource 31: train-clean-5, 5 h, 28 readers; dev-clean-2, 2 h, 40 readers), as Kaldi's
-# egs/mini_librispeech/s5. Ten `small` members, their ensemble, distilled students, a monophone
-# HMM back end; 2-16 cores, no GPU. Ends by printing the results table.
+# egs/mini_librispeech/s5. Ten `small` members on tied triphone states, their ensemble, distilled
+# students, a context-dependent HMM back end; 2-16 cores, no GPU. Ends by printing the results table.
 #
 #   # download train-clean-5, dev-clean-2 and the resource-11 LM files (internet; resumable, md5-checked):
 #   recipes/mini_librispeech/run.sh
@@ -38,7 +38,7 @@ ensemble_sizes=2,5,10                # fewer than recipes/mini: every system is 
 decode_ensemble_sizes=2,5
 students="distill_paper distill"     # student variants: conf/<name>.yaml each, trained into $exp/<name>
 transfer_sets=""                     # unlabelled sets for distillation, e.g. a split's "transfer" part
-labels=mono                          # mono | tri (tied triphone states, stage 4)
+labels=tri                           # tri (tied triphone states, stage 4) | mono
 device=cpu
 ngpu=1
 train_overrides=""
