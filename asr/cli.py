@@ -24,7 +24,7 @@ COMMANDS = {
     "train-lm": "asr.lm",
     "make-graph": "asr.graph",
     "train-gmm": "asr.gmm",
-    "align": "asr.gmm",
+    "align": "asr.align",
     "build-tree": "asr.tree",
     "train-tri": "asr.tri",
     "train-members": "asr.train",
@@ -33,7 +33,7 @@ COMMANDS = {
     "soft-targets": "asr.distill",
     "distill": "asr.distill",
     "decode-loglikes": "asr.decode",
-    "decode": "asr.systems",
+    "decode": "asr.decode",
     "report": "asr.report",
     "step": "asr.step",
 }

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -21,7 +22,8 @@ import yaml
 
 from asr.io import atomic_write_text
 
-__all__ = ["load_config", "apply_overrides", "config_to_dict", "write_config", "config_hash"]
+__all__ = ["load_config", "apply_overrides", "config_to_dict", "config_yaml", "write_config", "config_hash",
+           "add_config_args", "config_from_args", "resolve_config_args", "exit_if_print_config"]
 
 C = TypeVar("C")
 
@@ -118,21 +120,35 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha1(blob).hexdigest()[:12]
 
 
+def config_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, fields in their declared order (as ``config.yaml`` holds it)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def write_config(cfg: Any, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
     path = Path(directory) / name
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, config_yaml(cfg))
     return path
 
 
 def add_config_args(parser: "argparse.ArgumentParser") -> None:
-    """The two config options every step shares: ``--config FILE`` and ``--set key=value``."""
-    parser.add_argument("--config", default=None, help="YAML file of config overrides")
+    """The config options every step shares: ``--config FILE`` (optional: without it the step runs
+    on its defaults), ``--set key=value`` and ``--print-config``."""
+    parser.add_argument("--config", default=None, help="YAML file of config overrides (default: none)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                         metavar="KEY=VALUE", help="config override(s), applied after --config")
+    add_print_config_arg(parser)
 
 
-def config_from_args(cls: type[C], args: "argparse.Namespace", **flags: Any) -> C:
-    """Resolve a step's config from the options added by :func:`add_config_args`.
+def add_print_config_arg(parser: "argparse.ArgumentParser") -> None:
+    """``--print-config``, for a step that parses its own config options."""
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults + --config + --set) as YAML and exit")
+
+
+def resolve_config_args(cls: type[C], args: "argparse.Namespace", **flags: Any) -> C:
+    """A step's config from the options added by :func:`add_config_args`: defaults, then the
+    ``--config`` file, then ``--set``, then ``flags``.
 
     ``flags`` are config fields that the command also offers as options of their own (``--seed``,
     ``--device``, ...); those given (not None) win over ``--set``.
@@ -140,3 +156,19 @@ def config_from_args(cls: type[C], args: "argparse.Namespace", **flags: Any) -> 
     overrides: dict[str, Any] = parse_kv(args.overrides)
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return load_config(cls, args.config, overrides)
+
+
+def exit_if_print_config(args: "argparse.Namespace", cfg: Any) -> None:
+    """With ``--print-config``: write ``cfg`` as YAML to stdout and stop with status 0, as ``--help``
+    does, before the step reads or writes anything."""
+    if getattr(args, "print_config", False):
+        sys.stdout.write(config_yaml(cfg))
+        sys.stdout.flush()
+        raise SystemExit(0)
+
+
+def config_from_args(cls: type[C], args: "argparse.Namespace", **flags: Any) -> C:
+    """:func:`resolve_config_args`, then :func:`exit_if_print_config`."""
+    cfg = resolve_config_args(cls, args, **flags)
+    exit_if_print_config(args, cfg)
+    return cfg

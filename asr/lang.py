@@ -13,7 +13,7 @@ later stage needs to turn words into HMM states is derived here once, from the l
   for silence phones (``SIL`` and ``SPN``, as in Kaldi).
 - ``tree``: the monophone context dependency in Kaldi's binary format (kaldi-hmm-gmm's own writer).
   The initial transition model is rebuilt from ``topo`` + the monophone tree (kaldi-hmm-gmm 1.1.4
-  exposes no reader or writer for TransitionModel; trained ones are stored by ``asr.gmm``).
+  exposes no reader or writer for TransitionModel; trained ones are stored by ``asr.gmm_model``).
 - ``L.fst`` (training graphs) and ``L_disambig.fst`` (HCLG), both with optional silence between
   words (probability ``sil_prob``) and sorted on output labels; ``L_disambig.fst`` has a ``#0:#0``
   self-loop where words start and end so that G's backoff arcs pass through L o G.
@@ -464,7 +464,7 @@ class Lang:
         return khg.monophone_context_dependency(self.real_phone_ids, topo.get_phone_to_num_pdf_classes())
 
     def transition_model(self) -> khg.TransitionModel:
-        """The initial (untrained) transition model; trained ones come from ``asr.gmm.load_model``."""
+        """The initial (untrained) transition model; trained ones come from ``asr.gmm_model.load_model``."""
         return khg.TransitionModel(self.ctx_dep(), self.topology())
 
     def L(self) -> kaldifst.StdVectorFst:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from asr.config import load_config, parse_kv, write_config
+from asr.config import add_print_config_arg, exit_if_print_config, load_config, parse_kv, write_config
 from asr.io import atomic_write_json, atomic_write_text, mark_done
 
 __all__ = [
@@ -265,6 +265,7 @@ def _cli(args: argparse.Namespace) -> int:
     if args.vocabulary:
         overrides["vocabulary"] = args.vocabulary
     cfg = load_config(LexiconConfig, args.config, overrides)
+    exit_if_print_config(args, cfg)
     prepare_lexicon(args.out, cfg)
     return 0
 
@@ -279,4 +280,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--vocabulary", default=None, help="restrict the lexicon to the words of this file")
     p.add_argument("--config", default=None, help="YAML file of LexiconConfig fields")
     p.add_argument("override", nargs="*", help="key=value config overrides")
+    add_print_config_arg(p)
     p.set_defaults(func=_cli)

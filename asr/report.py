@@ -9,6 +9,9 @@ Everything is read from what earlier stages wrote, never recomputed from models:
 - ``distill/choice.json``: the temperature chosen on dev by :mod:`asr.distill`
 - ``members/*/train_log.csv`` and ``distill/*/train_log.csv``: training curves
 
+``results.json`` also records under ``provenance`` what the figures depend on beyond the data
+(:func:`asr.provenance.provenance`: package and espeak-ng versions, torch threads, CPU, commit).
+
 Choices (documented in RESULTS.md as well):
 
 - The baseline of the paper-style table is the *mean* over the members (``member-mean``), with
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from asr.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from asr.provenance import provenance
 from asr.significance import PerUttError, align_utt_errors, paired_bootstrap_wer, read_per_utt
 
 __all__ = [
@@ -913,6 +917,7 @@ def build_report(
     plots = write_plots(results, exp_dir)
     results["plots"] = [str(p.relative_to(exp_dir)) for p in plots]
     results["data_checks"] = data_checks(exp_dir)
+    results["provenance"] = provenance()      # versions, threads, CPU, commit: what the figures depend on
     json_path = exp_dir / "results.json"
     atomic_write_json(json_path, results)
     md_path = write_results_md(results, exp_dir / "RESULTS.md", plots, command=command)

@@ -625,7 +625,8 @@ def accumulate_tree_stats(ali_dir: str | os.PathLike, feats_dir: str | os.PathLi
     """Kaldi's ``acc-tree-stats`` on the labels of ``ali_dir`` (monophone pdfs) with the features of
     the monophone GMM of ``mono_dir``. Utterances left out of the alignment are skipped."""
     from asr.features import FeatureStore
-    from asr.gmm import GmmModel, _FeatureSource, _model_config, _model_path
+    from asr.cepstra import GmmFeatureSource
+    from asr.gmm_model import GmmModel, _model_config, _model_path
     from asr.labels import LabelStore
     from asr.lang import load_lang
 
@@ -638,7 +639,7 @@ def accumulate_tree_stats(ali_dir: str | os.PathLike, feats_dir: str | os.PathLi
         raise TreeError(f"{ali_dir}: {labels.num_pdfs} pdfs, the monophone lang {lang_dir} has {lang.num_pdfs}")
     store = FeatureStore(feats_dir)
     labels.check_matches(store)
-    source = _FeatureSource(feats_dir, _model_config(model))
+    source = GmmFeatureSource(feats_dir, _model_config(model))
     pdf_phone, pdf_class = mono_pdf_maps(lang)
     parts, keys_buf, feats_buf, n_buf = [], [], [], 0
     used = frames = 0

@@ -34,8 +34,10 @@ import numpy as np
 import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 
 from asr.config import add_config_args, config_from_args, config_to_dict, write_config
-from asr.gmm import (GmmError, GmmModel, _FeatureSource, _model_config, _model_path,
-                     _Runner, align, estimate, training_subset)
+from asr.align import _Runner, align
+from asr.cepstra import GmmFeatureSource
+from asr.gmm import estimate, training_subset
+from asr.gmm_model import GmmError, GmmModel, _model_config, _model_path
 from asr.io import is_done, mark_done
 from asr.lang import load_lang
 from asr.tree import Tree, TreeStats, context_dependency_from_bytes
@@ -114,7 +116,7 @@ def train_tri(tree_dir: str | os.PathLike, mono_dir: str | os.PathLike, feats_di
     model = init_from_tree(tree, tree_bytes, TreeStats.load(tree_dir / "treeacc.npz"), mono, gcfg.min_variance)
     model = model.replace(config=config_to_dict(gcfg))
     tm = model.transition_model()
-    source = _FeatureSource(feats_dir, gcfg)
+    source = GmmFeatureSource(feats_dir, gcfg)
     texts, subset = training_subset(manifest_path, feats_dir, source, lang, cfg.subset_utts)
     log.info("triphone GMM: %d pdfs, training on %d of %d utterances, %d passes, up to %d Gaussians, nj=%d",
              model.num_pdfs, len(subset), len(texts), cfg.num_iters, cfg.total_gauss, nj)

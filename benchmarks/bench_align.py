@@ -35,7 +35,9 @@ def main() -> int:
     import kaldi_hmm_gmm  # noqa: F401  (before kaldifst)
 
     from asr.features import FeatureStore
-    from asr.gmm import GmmConfig, align, train_mono
+    from asr.align import align
+    from asr.gmm import train_mono
+    from asr.gmm_model import GmmConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

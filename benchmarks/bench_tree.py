@@ -44,7 +44,7 @@ def main() -> int:
     import kaldi_hmm_gmm  # noqa: F401  (before kaldifst)
 
     from asr.features import FeatureStore
-    from asr.gmm import align
+    from asr.align import align
     from asr.labels import LabelStore
     from asr.lang import load_lang
     from asr.tree import TreeConfig, accumulate_tree_stats, build_tree, make_tree

@@ -37,7 +37,8 @@ from typing import Sequence
 import numpy as np
 import soundfile as sf
 
-from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
+from asr.config import (add_print_config_arg, config_hash, config_to_dict, exit_if_print_config, load_config,
+                        parse_kv, write_config)
 from asr.io import atomic_path, atomic_write_json, atomic_write_text, mark_done
 
 __all__ = [
@@ -862,6 +863,7 @@ def _cli(args: argparse.Namespace) -> int:
     if args.transfer_utts is not None:
         overrides["transfer_utts"] = args.transfer_utts
     cfg = load_config(MiniCorpusConfig, args.config, overrides)
+    exit_if_print_config(args, cfg)
     log.info("config: %s", json.dumps(config_to_dict(cfg)))
     build_mini_corpus(args.out_dir, cfg, nj=args.nj)
     return 0
@@ -878,4 +880,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--nj", type=int, default=1, help="parallel synthesis processes")
     p.add_argument("--config", default=None, help="YAML file of MiniCorpusConfig fields")
     p.add_argument("override", nargs="*", help="key=value config overrides")
+    add_print_config_arg(p)
     p.set_defaults(func=_cli)

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+
+# The system programs the project needs (scripts/setup.sh installs them with apt-get): program ->
+# its Debian package. A missing one fails the tests that need it instead of skipping them, so CI
+# cannot pass without them.
+SYSTEM_TOOLS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "festival", "sox": "sox", "flac": "flac"}
+
+
+def require_tool(program: str) -> str:
+    """The path of ``program``; a test failure naming the package and how to install it when it
+    is missing (never a skip)."""
+    path = shutil.which(program)
+    if path is None:
+        pkg = SYSTEM_TOOLS.get(program, program)
+        pytest.fail(f"{program} is not installed: `sudo apt-get install {pkg}` (or `bash scripts/setup.sh`, "
+                    f"which installs every system package the project needs)", pytrace=False)
+    return path
 
 
 def write_flac(path: Path, seconds: float = 0.5, sample_rate: int = 16000, seed: int = 0) -> Path:

@@ -1,17 +1,21 @@
-"""Tests for asr.gmm and asr.labels on a tiny espeak-ng corpus built once per session."""
+"""Tests for asr.gmm, asr.gmm_model, asr.align, asr.cepstra and asr.labels on a tiny espeak-ng corpus
+built once per session."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_tool
 
 import kaldi_hmm_gmm as khg  # noqa: F401  (before kaldifst)
 
-from asr.gmm import GmmConfig, GmmModel, GmmScorer, add_deltas, align, cepstra_from_fbank, load_model, train_mono
+from asr.align import align
+from asr.cepstra import add_deltas, cepstra_from_fbank
+from asr.gmm import train_mono
+from asr.gmm_model import GmmConfig, GmmModel, GmmScorer, load_model
 from asr.labels import LabelError, LabelStore, count_priors
 
 # Every speaker (an espeak-ng voice, rate and pitch) reads every sentence; the voices differ so that
@@ -103,8 +107,7 @@ TINY_CFG = GmmConfig(num_iters=12, max_iter_inc=8, total_gauss=400, realign_iter
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
+    require_tool("espeak-ng")
     import torch
 
     torch.set_num_threads(1)

@@ -299,7 +299,7 @@ def test_read_only_folder_and_missing_gpu_are_named_errors(decode_exp: Path, tmp
 
     import torch
 
-    import asr.systems
+    import asr.decode
     from asr.cli import main
 
     exp = tmp_path / "exp"
@@ -307,7 +307,7 @@ def test_read_only_folder_and_missing_gpu_are_named_errors(decode_exp: Path, tmp
     if os.geteuid() == 0:       # root writes into read-only folders: the refusal is simulated
         def refuse(path, *a, **k):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        monkeypatch.setattr(asr.systems, "atomic_write_json", refuse)
+        monkeypatch.setattr(asr.decode, "atomic_write_json", refuse)
     else:
         (exp / "decode" / "member-seed2").mkdir(parents=True)
         os.chmod(exp / "decode" / "member-seed2", 0o555)

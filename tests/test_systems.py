@@ -1,4 +1,5 @@
-"""asr.systems: recognising system folders; per-set fingerprints; stale sets replaced, never emptied."""
+"""asr.systems and asr.decode: recognising system folders; per-set fingerprints; stale sets replaced,
+never emptied."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from asr.io import atomic_write_json
-from asr.systems import SetPaths, System, SystemDirError, _replace_dir, _set_fingerprint, open_system
+from asr.decode import _replace_dir, _set_fingerprint
+from asr.systems import SetPaths, System, SystemDirError, open_system
 
 
 def test_a_stale_set_is_replaced_only_by_a_complete_one(tmp_path):

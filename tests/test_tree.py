@@ -5,14 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import shutil
 
 import kaldi_hmm_gmm as khg  # noqa: I001  (before kaldifst)
 import numpy as np
 import pytest
+from conftest import require_tool
 
 from asr.decode import DecodeConfig, Decoder, decode_many
-from asr.gmm import GmmModel
+from asr.gmm_model import GmmModel
 from asr.graph import make_graph
 from asr.lang import load_lang, prepare_lang
 from asr.lm import LmConfig, train_lm
@@ -293,8 +293,7 @@ def test_cd_graph_decodes_reference_alignment(cd_setup):
 
 @pytest.fixture(scope="module")
 def tiny_tri(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
+    require_tool("espeak-ng")
     from test_gmm import TINY_CFG, make_tiny_corpus
 
     from asr.gmm import train_mono
@@ -331,7 +330,7 @@ def test_triphone_gmm_trains_and_aligns(tiny_tri):
     assert set(lab.failed) == set(mono.failed)
     # the tied states refine the monophone states: every triphone pdf has one central phone
     tm = model.transition_model()
-    from asr.gmm import transition_tables
+    from asr.gmm_model import transition_tables
 
     _, pdf2phone = transition_tables(tm)
     lang = load_lang(c["lang"])

@@ -20,6 +20,13 @@ tune_set=${dev_sets%% *}          # acwt is tuned on the first dev set, never on
 data=$exp/data
 asr=(asr)
 
+# A recipe's conf/<step>.yaml exists only where it overrides a default or shows the defaults it
+# relies on; without one the step runs on its defaults. conf_opts NAME sets CONF to
+# (--config $conf/NAME.yaml) where that file exists, else to (); conf_input NAME prints the file
+# where it exists (a stamp input). A conf file added later changes both, so the step reruns.
+conf_opts() { CONF=(); if [ -f "$conf/$1.yaml" ]; then CONF=(--config "$conf/$1.yaml"); fi; }
+conf_input() { if [ -f "$conf/$1.yaml" ]; then echo "$conf/$1.yaml"; fi; }
+
 # ---- stage 1: manifests, lexicon, OOV report
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   log "stage 1: data preparation"
@@ -31,18 +38,20 @@ if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
       --out-dir "$data" --nj "$nj" "${split_opts[@]}"
   manifests=(); for s in $labelled_sets; do manifests+=("$data/$s/manifest.jsonl"); done
   extra=(); [ -n "$lexicon_extra" ] && [ -f "$lexicon_extra" ] && extra=(--extra "$lexicon_extra")
-  run_step "$data/local" "$data/manifests $conf/lexicon.yaml" -- \
-    "${asr[@]}" prepare-lexicon --out "$data/local" --config "$conf/lexicon.yaml" "${extra[@]}" \
+  conf_opts lexicon
+  run_step "$data/local" "$data/manifests $(conf_input lexicon)" -- \
+    "${asr[@]}" prepare-lexicon --out "$data/local" "${CONF[@]}" "${extra[@]}" \
       --manifests "${manifests[@]}"
 fi
 
 # ---- stage 2: log-mel filterbank features + CMVN statistics
 if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
   log "stage 2: features"
+  conf_opts fbank
   for s in $all_sets; do
-    run_step "$exp/feats/$s" "$data/manifests $conf/fbank.yaml" -- \
+    run_step "$exp/feats/$s" "$data/manifests $(conf_input fbank)" -- \
       "${asr[@]}" make-feats --manifest "$data/$s/manifest.jsonl" --out-dir "$exp/feats/$s" \
-        --config "$conf/fbank.yaml" --nj "$nj"
+        "${CONF[@]}" --nj "$nj"
   done
 fi
 
@@ -50,11 +59,12 @@ fi
 if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
   log "stage 3: lang, LM"
   vocabs=(); for v in $vocab_file; do vocabs+=(--vocab "$v"); done
-  run_step "$exp/lang" "$data/local $conf/lang.yaml" -- \
+  conf_opts lang
+  run_step "$exp/lang" "$data/local $(conf_input lang)" -- \
     "${asr[@]}" prepare-lang --lexicon "$data/local/lexicon.txt" --out-dir "$exp/lang" \
-      --config "$conf/lang.yaml" "${vocabs[@]}"
+      "${CONF[@]}" "${vocabs[@]}"
   evals=(); for s in $eval_sets; do evals+=(--eval "$s=$data/$s/manifest.jsonl"); done
-  lm_src=(); lm_inputs="$exp/lang $conf/lm.yaml"
+  lm_src=(); lm_inputs="$exp/lang $(conf_input lm)"
   if [ -n "$arpa" ]; then lm_src=(--arpa "$arpa")
   else
     [ -n "$lm_text" ] && lm_src=(--text "$lm_text")
@@ -62,9 +72,10 @@ if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
       lm_src+=(--transcripts "$data/$train_set/manifest.jsonl"); lm_inputs+=" $lm_text"
     fi
   fi
+  conf_opts lm
   run_step "$exp/lm" "$lm_inputs" -- \
     "${asr[@]}" train-lm "${lm_src[@]}" --lang-dir "$exp/lang" --out-dir "$exp/lm" \
-      --config "$conf/lm.yaml" "${evals[@]}"
+      "${CONF[@]}" "${evals[@]}"
   # HCLG is built in stage 4, with the trained transition model of the GMM it belongs to.
 fi
 
@@ -80,10 +91,11 @@ case "$labels" in
 esac
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
   log "stage 4: GMM training and alignment (labels=$labels)"
-  run_step "$exp/gmm_mono" "$exp/lang $exp/feats/$train_set $conf/gmm.yaml" --outputs "$mono_ali/$train_set" -- \
+  conf_opts gmm
+  run_step "$exp/gmm_mono" "$exp/lang $exp/feats/$train_set $(conf_input gmm)" --outputs "$mono_ali/$train_set" -- \
     "${asr[@]}" train-gmm --feats-dir "$exp/feats/$train_set" --manifest "$data/$train_set/manifest.jsonl" \
       --lang-dir "$exp/lang" --out-dir "$exp/gmm_mono" --ali-dir "$mono_ali/$train_set" \
-      --config "$conf/gmm.yaml" --nj "$nj"
+      "${CONF[@]}" --nj "$nj"
   for s in $eval_sets; do
     run_step "$mono_ali/$s" "$exp/gmm_mono $exp/feats/$s" -- \
       "${asr[@]}" align --model-dir "$exp/gmm_mono" --lang-dir "$exp/lang" --feats-dir "$exp/feats/$s" \
@@ -93,13 +105,15 @@ if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
     "${asr[@]}" make-graph --lang-dir "$exp/lang" --lm-dir "$exp/lm" --out-dir "$mono_graph" \
       --transition-model "$exp/gmm_mono"
   if [ "$labels" = tri ]; then
-    run_step "$exp/tree" "$exp/gmm_mono $conf/tree.yaml" -- \
+    conf_opts tree
+    run_step "$exp/tree" "$exp/gmm_mono $(conf_input tree)" -- \
       "${asr[@]}" build-tree --ali-dir "$mono_ali/$train_set" --feats-dir "$exp/feats/$train_set" \
-        --lang-dir "$exp/lang" --mono-dir "$exp/gmm_mono" --out-dir "$exp/tree" --config "$conf/tree.yaml"
-    run_step "$exp/gmm_tri" "$exp/tree $conf/tri.yaml" --outputs "$exp/ali/$train_set" -- \
+        --lang-dir "$exp/lang" --mono-dir "$exp/gmm_mono" --out-dir "$exp/tree" "${CONF[@]}"
+    conf_opts tri
+    run_step "$exp/gmm_tri" "$exp/tree $(conf_input tri)" --outputs "$exp/ali/$train_set" -- \
       "${asr[@]}" train-tri --tree-dir "$exp/tree" --mono-dir "$exp/gmm_mono" --feats-dir "$exp/feats/$train_set" \
         --manifest "$data/$train_set/manifest.jsonl" --lang-dir "$exp/lang" --out-dir "$exp/gmm_tri" \
-        --ali-dir "$exp/ali/$train_set" --config "$conf/tri.yaml" --nj "$nj"
+        --ali-dir "$exp/ali/$train_set" "${CONF[@]}" --nj "$nj"
     for s in $eval_sets; do
       run_step "$exp/ali/$s" "$exp/gmm_tri $exp/feats/$s" -- \
         "${asr[@]}" align --model-dir "$exp/gmm_tri" --lang-dir "$exp/lang" --feats-dir "$exp/feats/$s" \
@@ -170,18 +184,19 @@ fi
 # One `asr decode` call per family of systems, so its decoding workers load HCLG once.
 if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   log "stage 8: decoding"
-  dec=("${asr[@]}" decode --exp-dir "$exp" --sets $eval_sets --train-set "$train_set" --nj "$nj" --config "$conf/decode.yaml")
+  conf_opts decode; dec_conf=$(conf_input decode)
+  dec=("${asr[@]}" decode --exp-dir "$exp" --sets $eval_sets --train-set "$train_set" --nj "$nj" "${CONF[@]}")
   steps=$exp/decode/.steps              # stamps and logs of the multi-system steps
   # The monophone GMM on its own graph and labels; with labels=tri, the triphone GMM on graph/.
-  run_step "$exp/decode/gmm-mono" "$exp/gmm_mono $mono_graph $conf/decode.yaml" -- \
+  run_step "$exp/decode/gmm-mono" "$exp/gmm_mono $mono_graph $dec_conf" -- \
     "${dec[@]}" --system "$exp/gmm_mono" --graph-dir "$mono_graph" --ali-root "$(basename "$mono_ali")" \
       --tune-set "$tune_set" --acwt-grid "$gmm_acwt_grid"
   if [ "$labels" = tri ]; then
-    run_step "$exp/decode/gmm-tri" "$exp/gmm_tri $exp/graph $conf/decode.yaml" -- \
+    run_step "$exp/decode/gmm-tri" "$exp/gmm_tri $exp/graph $dec_conf" -- \
       "${dec[@]}" --system "$exp/gmm_tri" --tune-set "$tune_set" --acwt-grid "$gmm_acwt_grid"
   fi
   # Members share one architecture and recipe: member 1 tunes acwt and priors, the others reuse them.
-  run_step "$exp/decode/member-seed1" "$exp/members $exp/graph $conf/decode.yaml" -- \
+  run_step "$exp/decode/member-seed1" "$exp/members $exp/graph $dec_conf" -- \
     "${dec[@]}" --system "$exp/members/seed1" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
   if [ "$members" -gt 1 ]; then
     decoded=(); for i in $(seq 2 "$members"); do decoded+=("$exp/decode/member-seed$i"); done
@@ -191,7 +206,7 @@ if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   # Ensembles: the largest tunes, the few others decoded for WER reuse its choice (every size has
   # frame accuracy from stage 6, which is what the ensemble-size curve plots).
   kmax=$(echo "$ensemble_sizes" | tr , '\n' | sort -n | tail -1)
-  run_step "$exp/decode/ensemble-$kmax" "$exp/ensemble $exp/graph $conf/decode.yaml" -- \
+  run_step "$exp/decode/ensemble-$kmax" "$exp/ensemble $exp/graph $dec_conf" -- \
     "${dec[@]}" --system "$exp/ensemble/post_$kmax" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
   smaller=(); decoded=(); for k in $(echo "$decode_ensemble_sizes" | tr , ' '); do
     case ",$ensemble_sizes," in *",$k,"*)
@@ -205,7 +220,7 @@ if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
   # Students: each variant's chosen student (distill*/choice.json) tunes its own acwt and priors
   # (soft training changes its calibration).
   for variant in $students; do
-    run_step "$steps/$variant" "$exp/$variant $exp/graph $conf/decode.yaml" \
+    run_step "$steps/$variant" "$exp/$variant $exp/graph $dec_conf" \
         --outputs "$exp/decode/$(student_system_name "$exp/$variant")" -- \
       "${dec[@]}" --system "$exp/$variant" --tune-set "$tune_set" --acwt-grid "$nn_acwt_grid"
   done

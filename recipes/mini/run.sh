@@ -52,9 +52,11 @@ t0=$SECONDS
 # ---- stage 0: build the synthetic corpus (LibriSpeech layout, Debian TTS voices, KJV text)
 if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ]; then
   log "stage 0: synthetic corpus ($num_utts utterances, seed $seed)"
-  run_step "$corpus_dir" "$conf/corpus.yaml" -- \
+  corpus_conf=(); corpus_input=""       # no conf/corpus.yaml: the builder's defaults
+  if [ -f "$conf/corpus.yaml" ]; then corpus_conf=(--config "$conf/corpus.yaml"); corpus_input=$conf/corpus.yaml; fi
+  run_step "$corpus_dir" "$corpus_input" -- \
     asr build-mini-corpus --out-dir "$corpus_dir" --seed "$seed" --num-utts "$num_utts" \
-      --transfer-utts "$transfer_utts" --nj "$nj" --config "$conf/corpus.yaml"
+      --transfer-utts "$transfer_utts" --nj "$nj" "${corpus_conf[@]}"
 fi
 
 . recipes/common/pipeline.sh
