@@ -15,7 +15,13 @@ epoch statistics, the position in the epoch's data order and the config) is writ
 batches from where the checkpoint left off and finishes with the same weights as an uninterrupted run.
 
 Multi-GPU: under ``torchrun`` each rank either takes a slice of every global batch (data parallel,
-PyTorch DDP; ``parallel=data``) or trains its own share of the members (``parallel=members``).
+PyTorch DDP; ``parallel=data``: dev is split too and the sums all-reduced) or trains its own share of
+the members (``parallel=members``: each rank scores its members on the whole dev set, with no
+collective until all are done). :class:`Shard` says which.
+
+Reading order: :func:`train_stack` (set up, resume, loop, export), then :func:`_train_epochs` (the
+loop itself) and the pieces it calls: ``_train_step``, ``_end_epoch`` (``evaluate``, ``_keep_best``,
+``_schedule``: newbob), ``_save_state`` / ``_resume`` (checkpoints), ``_EpochLog`` (logs).
 """
 
 from __future__ import annotations

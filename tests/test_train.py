@@ -170,6 +170,26 @@ def test_resume_after_kill_mid_epoch_gives_same_weights(tmp_path, dropout):
         train_stack(dataclasses.replace(cfg, lr=1e-2), TRAIN, DEV, tmp_path / "other", [1, 2])
 
 
+class _MarkedEvalObjective(CrossEntropyObjective):
+    """Cross-entropy for training; for dev a criterion that marks itself (loss 7 for every member)."""
+
+    def for_evaluation(self):
+        return lambda logits, batch: torch.full((logits.shape[0],), 7.0)
+
+
+def test_dev_is_scored_with_the_objectives_evaluation_criterion(tmp_path):
+    """The objective says what dev needs (``for_evaluation``); the global grad mode plays no part."""
+    paths = train_stack(dataclasses.replace(CFG, epochs=1), TRAIN, DEV, tmp_path, [1], objective=_MarkedEvalObjective())
+    rows = list(csv.DictReader(open(paths[0].parent / "train_log.csv")))
+    assert float(rows[0]["dev_loss"]) == 7.0 and float(rows[0]["train_loss"]) != 7.0
+    model = load_model(paths[0])[0]
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            loss, acc, n = evaluate(model, DEV, CFG, _MarkedEvalObjective())
+        assert loss.tolist() == [7.0] and n == DEV.num_labelled
+        assert abs(float(acc[0]) - float(rows[0]["dev_acc"])) < 1e-6
+
+
 def test_newbob_halves_then_stops_members(tmp_path):
     cfg = dataclasses.replace(CFG, epochs=6, lr_schedule="newbob", newbob_start=1.0, newbob_end=1.0)
     paths = train_stack(cfg, TRAIN, DEV, tmp_path, [1, 2])
