@@ -35,6 +35,7 @@ COMMANDS = {
     "decode-loglikes": "asr.decode",
     "decode": "asr.systems",
     "report": "asr.report",
+    "step": "asr.step",
 }
 
 

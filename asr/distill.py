@@ -763,18 +763,12 @@ def distill(
         torch.set_num_threads(train_cfg.threads)
     post_sets = dict(post_sets or {})
     transfer = [str(d) for d in transfer_feats_dirs] if cfg.transfer else []
-    model_paths = [out_dir / n / "model.pt" for n in names]
     from asr.train import RUNTIME_FIELDS
 
     stable_train = dataclasses.replace(train_cfg, **{f: getattr(type(train_cfg)(), f) for f in RUNTIME_FIELDS})
     done_key = {"config_hash": _run_hash(cfg) + "-" + config_hash(stable_train),
                 "teachers": [str(p) for p in teacher_paths], "post_sets": sorted(post_sets), "transfer": transfer}
-    if is_done(out_dir):
-        info = read_json(out_dir / ".done")
-        if all(info.get(k) == v for k, v in done_key.items()) and all(p.is_file() for p in model_paths):
-            log.info("%s is done; skipping", out_dir)
-            return model_paths
-        (out_dir / ".done").unlink()
+    (out_dir / ".done").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out_dir)
     write_config(train_cfg, out_dir, name="train_config.yaml")

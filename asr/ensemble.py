@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
-from asr.io import atomic_path, atomic_write_json, is_done, mark_done, read_json
+from asr.io import atomic_path, atomic_write_json, mark_done
 
 __all__ = [
     "EnsembleConfig",
@@ -169,16 +169,8 @@ def write_ensemble(
     if not sets:
         raise EnsembleError("write_ensemble: no sets given")
     out_dir = Path(out_dir)
-    h = config_hash(cfg)
-    done_file = out_dir / ".done"
     outputs = {k: out_dir / f"post_{k}" for k in all_sizes}
-    if is_done(out_dir):
-        info = read_json(done_file)
-        if (info.get("config_hash") == h and info.get("members") == [str(m) for m in members]
-                and info.get("sets") == list(sets)):
-            log.info("%s is done; skipping", out_dir)
-            return outputs
-        done_file.unlink()
+    (out_dir / ".done").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out_dir)
     for s in sets:
@@ -202,7 +194,7 @@ def write_ensemble(
         _write_ensemble_priors(members[:k], kdir / "priors.npy", cfg.mode)
         if ali_root is not None:
             atomic_write_json(kdir / "frame_acc.json", {"frame_acc": accs})
-    mark_done(out_dir, {"config_hash": h, "members": [str(m) for m in members], "sets": list(sets),
+    mark_done(out_dir, {"config_hash": config_hash(cfg), "members": [str(m) for m in members], "sets": list(sets),
                         "sizes": all_sizes, "config": config_to_dict(cfg)})
     return outputs
 

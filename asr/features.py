@@ -232,15 +232,7 @@ def make_features(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, 
 
     cfg_hash = config_hash(cfg)
     manifest_sha1 = file_sha1(manifest_path)
-    if is_done(out_dir):
-        info = read_json(out_dir / ".done")
-        if info.get("config_hash") == cfg_hash and info.get("manifest_sha1") == manifest_sha1:
-            if info.get("num_bad", 0) and not skip_bad:
-                first = (out_dir / "bad_utts.txt").read_text(encoding="utf-8").splitlines()[0].replace("\t", ": ", 1)
-                raise FeatureError(f"{first} (use --skip-bad to leave bad utterances out)")
-            logger.info("%s is complete (config %s); skipping", out_dir, cfg_hash)
-            return out_dir
-        (out_dir / ".done").unlink()
+    (out_dir / ".done").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     n = cfg.utts_per_shard

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -50,9 +49,9 @@ import numpy as np
 import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 import kaldifst
 
-from asr.config import (add_config_args, config_from_args, config_hash, config_to_dict, load_config, parse_kv,
+from asr.config import (add_config_args, config_from_args, config_to_dict, load_config, parse_kv,
                         write_config)
-from asr.io import file_sha1, atomic_path, atomic_write_text, is_done, mark_done, read_json
+from asr.io import atomic_path, atomic_write_text, mark_done
 from asr.labels import write_labels
 from asr.lang import Lang, load_lang
 from asr.manifest import read_manifest
@@ -773,16 +772,6 @@ def _write_train_log(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _done_stamp(*parts: Any) -> dict:
-    return {"stamp": hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]}
-
-
-def _feats_stamp(feats_dir: Path) -> Any:
-    if not is_done(feats_dir):
-        raise GmmError(f"feature dir {feats_dir} is not complete (run make-feats first)")
-    return read_json(feats_dir / ".done")
-
-
 def estimate(runner: "_Runner", model: GmmModel, tm: khg.TransitionModel, subset: list[str], cfg: GmmConfig,
              out_dir: Path, first_mode: str) -> GmmModel:
     """The estimation passes shared by the monophone and the triphone GMM (Kaldi's train_mono.sh /
@@ -861,19 +850,13 @@ def train_mono(
 
     Writes ``out_dir/final.mdl`` (see ``GmmModel``), ``out_dir/log/train.csv`` (per pass: realigned
     or not, Gaussians, average log-likelihood per frame, failures, seconds), ``config.yaml`` and the
-    training-set labels with priors in ``ali_dir`` (default ``out_dir/ali_train``). Skipped when
-    done with the same inputs and config.
+    training-set labels with priors in ``ali_dir`` (default ``out_dir/ali_train``).
     """
     feats_dir, manifest_path, lang_dir, out_dir = Path(feats_dir), Path(manifest_path), Path(lang_dir), Path(out_dir)
     ali_dir = Path(ali_dir) if ali_dir is not None else out_dir / "ali_train"
     lang = load_lang(lang_dir)
     if nj < 1:
         raise ValueError(f"nj must be >= 1, got {nj}")
-    stamp = _done_stamp(config_hash(cfg), file_sha1(manifest_path), _feats_stamp(feats_dir),
-                        read_json(lang_dir / ".done"), str(ali_dir.resolve()))
-    if is_done(out_dir) and read_json(out_dir / ".done").get("stamp") == stamp["stamp"] and is_done(ali_dir):
-        log.info("%s is up to date; skipping", out_dir)
-        return out_dir
     (out_dir / ".done").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "log").mkdir(exist_ok=True)
@@ -896,7 +879,7 @@ def train_mono(
         estimate(runner, model, tm, subset, cfg, out_dir, first_mode="equal")
     log.info("aligning all %d training utterances", len(texts))
     align(out_dir, lang_dir, feats_dir, manifest_path, ali_dir, nj=nj, train_labels=True, cfg=cfg)
-    mark_done(out_dir, stamp)
+    mark_done(out_dir)
     return out_dir
 
 
@@ -933,11 +916,6 @@ def align(
         raise GmmError(f"model {model_file} has {model.num_pdfs} pdfs, lang {lang_dir} has {lang.num_pdfs}")
     if sorted(tm.phones) != lang.real_phone_ids:
         raise GmmError(f"model {model_file} and lang {lang_dir} have different phone sets")
-    stamp = _done_stamp(config_hash(cfg), file_sha1(model_file), file_sha1(manifest_path), _feats_stamp(feats_dir),
-                        read_json(lang_dir / ".done"), train_labels)
-    if is_done(out_dir) and read_json(out_dir / ".done").get("stamp") == stamp["stamp"]:
-        log.info("%s is up to date; skipping", out_dir)
-        return out_dir
     (out_dir / ".done").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out_dir)
@@ -986,7 +964,7 @@ def align(
         log.warning("%s: %d utterance(s) left out, listed in %s", out_dir, len(failed), out_dir / "failed.txt")
     log.info("%s: %d utterances aligned, %d failed, silence share %.3f, %.1fs", out_dir, num_aligned, len(failed),
              info["silence_share"], info["seconds"])
-    mark_done(out_dir, stamp)
+    mark_done(out_dir)
     return out_dir
 
 

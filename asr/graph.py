@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
-from asr.io import file_sha1, atomic_path, atomic_write_json, is_done, mark_done, read_json
+from asr.io import file_sha1, atomic_path, atomic_write_json, is_done, mark_done
 
 __all__ = ["GraphConfig", "GraphError", "make_graph", "run_child", "fst_stats", "add_cli"]
 
@@ -284,7 +284,7 @@ def make_graph(
     cfg: GraphConfig = GraphConfig(),
     transition_log_probs: str | os.PathLike | None = None,
 ) -> Path:
-    """Build ``HCLG.fst`` from ``lang_dir`` and ``lm_dir/G.fst``; skipped when up to date.
+    """Build ``HCLG.fst`` from ``lang_dir`` and ``lm_dir/G.fst``.
 
     ``transition_log_probs``: optional trained transition probabilities, a ``.npy``
     ``(num_transition_ids + 1,)`` or a GMM model (``gmm_mono/final.mdl`` or its directory), as Kaldi
@@ -310,9 +310,6 @@ def make_graph(
         "inputs": {p.name: file_sha1(p) for p in inputs},
         "transition_log_probs": file_sha1(ts) if ts is not None else None,
     }
-    if is_done(out_dir) and read_json(out_dir / ".done") == stamp:
-        log.info("graph %s is up to date; skipping", out_dir)
-        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ".done").unlink(missing_ok=True)
     log.info("building HCLG in %s", out_dir)

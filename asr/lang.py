@@ -271,7 +271,7 @@ def prepare_lang(
     cfg: LangConfig = LangConfig(),
     vocabulary: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> Path:
-    """Build the lang directory from a lexicon; skipped when done with the same inputs and config.
+    """Build the lang directory from a lexicon.
 
     ``vocabulary``: text file(s) whose whitespace-separated tokens are the words to keep (for
     example the LM text plus the training transcripts); lexicon words outside it are dropped.
@@ -293,9 +293,6 @@ def prepare_lang(
         "lexicon_sha1": _sha1_file(lexicon_path),
         "vocab_sha1": [_sha1_file(p) for p in vocab_paths] if vocab_paths else None,
     }
-    if is_done(out_dir) and read_json(out_dir / ".done") == stamp:
-        log.info("lang %s is up to date; skipping", out_dir)
-        return out_dir
 
     lexicon = read_lexicon(lexicon_path)
     silence_phones = [cfg.sil_phone, cfg.unk_phone]

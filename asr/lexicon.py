@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from asr.config import config_hash, load_config, parse_kv, write_config
-from asr.io import atomic_write_json, atomic_write_text, is_done, mark_done
+from asr.config import load_config, parse_kv, write_config
+from asr.io import atomic_write_json, atomic_write_text, mark_done
 
 __all__ = [
     "PHONES",
@@ -233,19 +233,11 @@ def _read_vocabulary(path: str | os.PathLike) -> set[str]:
 
 def prepare_lexicon(out_dir: str | os.PathLike, cfg: LexiconConfig = LexiconConfig()) -> Path:
     """Write ``out_dir/lexicon.txt`` and ``oov.json`` beside every manifest in ``cfg.manifests``.
-
-    Skipped when ``out_dir/.done`` exists and the config is unchanged.
     """
     from asr.manifest import read_manifest
 
     out_dir = Path(out_dir)
     lex_path = out_dir / "lexicon.txt"
-    cfg_path = out_dir / "config.yaml"
-    if is_done(out_dir) and cfg_path.is_file():
-        old = load_config(LexiconConfig, cfg_path)
-        if config_hash(old) == config_hash(cfg):
-            log.info("%s is done; skipping", out_dir)
-            return lex_path
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ".done").unlink(missing_ok=True)
     vocab = _read_vocabulary(cfg.vocabulary) if cfg.vocabulary else None

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
-from asr.io import file_sha1, atomic_path, atomic_write_json, is_done, mark_done, read_json
+from asr.io import file_sha1, atomic_path, atomic_write_json, mark_done
 from asr.manifest import read_manifest
 
 __all__ = ["LmConfig", "LmError", "ArpaLm", "train_lm", "make_g", "read_arpa", "perplexity",
@@ -359,7 +359,7 @@ def train_lm(
     arpa: str | os.PathLike | None = None,
     transcripts: Sequence[str | os.PathLike] = (),
 ) -> Path:
-    """Train (or take) the n-gram LM, make G and write perplexities; skipped when up to date.
+    """Train (or take) the n-gram LM, make G and write perplexities.
 
     ``text_path``: LM training text, one sentence per line (ignored when ``arpa`` is given, but
     still checked for dev/test overlap if present). ``eval_manifests``: ``{set: manifest.jsonl}``
@@ -390,9 +390,6 @@ def train_lm(
         "words_sha1": file_sha1(words_txt),
         "eval": {k: file_sha1(v) for k, v in sorted(eval_manifests.items())},
     }
-    if is_done(out_dir) and read_json(out_dir / ".done") == stamp:
-        log.info("LM %s is up to date; skipping", out_dir)
-        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ".done").unlink(missing_ok=True)
 

@@ -1061,10 +1061,6 @@ def train_members(cfg: TrainConfig, feats_dir: str | os.PathLike, ali_dir: str |
     out_dir = Path(out_dir)
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.members))
     names = [f"seed{s}" for s in seeds]
-    if is_done(out_dir) and read_json(out_dir / ".done").get("config") == config_hash(cfg) \
-            and all((out_dir / n / "model.pt").is_file() for n in names):
-        log.info("%s: done; skipping", out_dir)
-        return [out_dir / n / "model.pt" for n in names]
     rank, world, device = _init_distributed(cfg.device)
     cfg = dataclasses.replace(cfg, device=device)
     feats_dtype = features_dtype(cfg)

@@ -48,8 +48,8 @@ import numpy as np
 
 import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 
-from asr.config import add_config_args, config_from_args, config_hash, write_config
-from asr.io import atomic_path, atomic_write_json, atomic_write_text, file_sha1, is_done, mark_done, read_json
+from asr.config import add_config_args, config_from_args, write_config
+from asr.io import atomic_path, atomic_write_json, atomic_write_text, is_done, mark_done
 
 __all__ = [
     "TreeConfig",
@@ -668,21 +668,13 @@ def accumulate_tree_stats(ali_dir: str | os.PathLike, feats_dir: str | os.PathLi
 
 def make_tree(ali_dir: str | os.PathLike, feats_dir: str | os.PathLike, lang_dir: str | os.PathLike,
               mono_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TreeConfig = TreeConfig()) -> Path:
-    """Accumulate tree statistics, build and write the tree (``out_dir/tree``); skipped when done
-    with the same inputs and config."""
-    from asr.gmm import _model_path
+    """Accumulate tree statistics, build and write the tree (``out_dir/tree``)."""
     from asr.lang import load_lang
 
     ali_dir, feats_dir, lang_dir, out_dir = Path(ali_dir), Path(feats_dir), Path(lang_dir), Path(out_dir)
     for d, what in ((ali_dir, "alignment"), (feats_dir, "features"), (lang_dir, "lang")):
         if not is_done(d):
             raise TreeError(f"{what} directory {d} is not complete")
-    stamp = {"config": config_hash(cfg), "labels": file_sha1(ali_dir / "labels.npy"),
-             "model": file_sha1(_model_path(mono_dir)), "feats": read_json(feats_dir / ".done"),
-             "lang": read_json(lang_dir / ".done")}
-    if is_done(out_dir) and read_json(out_dir / ".done") == stamp:
-        log.info("%s is up to date; skipping", out_dir)
-        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ".done").unlink(missing_ok=True)
     lang = load_lang(lang_dir)
@@ -706,7 +698,7 @@ def make_tree(ali_dir: str | os.PathLike, feats_dir: str | os.PathLike, lang_dir
                 acc_seconds=round(acc_seconds, 3), build_seconds=round(build_seconds, 3))
     atomic_write_json(out_dir / "info.json", info)
     write_config(cfg, out_dir)
-    mark_done(out_dir, stamp)
+    mark_done(out_dir)
     log.info("tree: %d leaves (%d before merging) from %d contexts of %d frames; stats %.1fs, build %.1fs",
              info["num_leaves"], info["num_leaves_split"], acc_info["num_contexts"], acc_info["num_frames"],
              acc_seconds, build_seconds)

@@ -33,10 +33,10 @@ import numpy as np
 
 import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 
-from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
-from asr.gmm import (GmmError, GmmModel, _done_stamp, _feats_stamp, _FeatureSource, _model_config, _model_path,
+from asr.config import add_config_args, config_from_args, config_to_dict, write_config
+from asr.gmm import (GmmError, GmmModel, _FeatureSource, _model_config, _model_path,
                      _Runner, align, estimate, training_subset)
-from asr.io import file_sha1, is_done, mark_done, read_json
+from asr.io import is_done, mark_done
 from asr.lang import load_lang
 from asr.tree import Tree, TreeStats, context_dependency_from_bytes
 
@@ -91,7 +91,7 @@ def train_tri(tree_dir: str | os.PathLike, mono_dir: str | os.PathLike, feats_di
               manifest_path: str | os.PathLike, lang_dir: str | os.PathLike, out_dir: str | os.PathLike,
               cfg: TriConfig = TriConfig(), nj: int = 1, ali_dir: str | os.PathLike | None = None) -> Path:
     """Train the triphone GMM and align the training set (``ali_dir``, default ``out_dir/ali_train``,
-    with priors). Skipped when done with the same inputs and config."""
+    with priors)."""
     tree_dir, feats_dir, lang_dir, out_dir = Path(tree_dir), Path(feats_dir), Path(lang_dir), Path(out_dir)
     manifest_path = Path(manifest_path)
     ali_dir = Path(ali_dir) if ali_dir is not None else out_dir / "ali_train"
@@ -99,17 +99,10 @@ def train_tri(tree_dir: str | os.PathLike, mono_dir: str | os.PathLike, feats_di
         raise ValueError(f"nj must be >= 1, got {nj}")
     if not is_done(tree_dir):
         raise GmmError(f"tree directory {tree_dir} is not complete (run build-tree)")
-    mono_file = _model_path(mono_dir)
-    mono = GmmModel.load(mono_file)
+    mono = GmmModel.load(_model_path(mono_dir))
     gcfg = dataclasses.replace(_model_config(mono), num_iters=cfg.num_iters, max_iter_inc=cfg.max_iter_inc,
                                total_gauss=cfg.total_gauss, realign_iters=tuple(cfg.realign_iters),
                                subset_utts=cfg.subset_utts, seed=cfg.seed)
-    stamp = _done_stamp(config_hash(cfg), config_hash(gcfg), file_sha1(tree_dir / "tree"), file_sha1(mono_file),
-                        file_sha1(manifest_path), _feats_stamp(feats_dir), read_json(lang_dir / ".done"),
-                        str(ali_dir.resolve()))
-    if is_done(out_dir) and read_json(out_dir / ".done").get("stamp") == stamp["stamp"] and is_done(ali_dir):
-        log.info("%s is up to date; skipping", out_dir)
-        return out_dir
     (out_dir / ".done").unlink(missing_ok=True)
     (out_dir / "log").mkdir(parents=True, exist_ok=True)
     write_config(cfg, out_dir)
@@ -129,7 +122,7 @@ def train_tri(tree_dir: str | os.PathLike, mono_dir: str | os.PathLike, feats_di
         estimate(runner, model, tm, subset, gcfg, out_dir, first_mode="realign")
     log.info("triphone training took %.1fs; aligning all %d training utterances", time.time() - t0, len(texts))
     align(out_dir, lang_dir, feats_dir, manifest_path, ali_dir, nj=nj, train_labels=True, cfg=gcfg)
-    mark_done(out_dir, stamp)
+    mark_done(out_dir)
     return out_dir
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import soundfile as sf
 
 from asr.config import config_hash, config_to_dict, load_config, parse_kv, write_config
-from asr.io import atomic_path, atomic_write_json, atomic_write_text, is_done, mark_done
+from asr.io import atomic_path, atomic_write_json, atomic_write_text, mark_done
 
 __all__ = [
     "SUBSETS",
@@ -774,9 +774,9 @@ def _jobs(plan: CorpusPlan, root: Path) -> list[tuple[SpeakerSpec, list[UttSpec]
 def build_mini_corpus(out_dir: str | os.PathLike, cfg: MiniCorpusConfig = MiniCorpusConfig(), nj: int = 1) -> Path:
     """Build (or finish building) the corpus in ``out_dir``; return ``out_dir``.
 
-    Resumable: utterances already on disk are kept, and a finished corpus (``.done`` with the same
-    config) is left alone. An ``out_dir`` started with a different config is an error rather than
-    a silent mix of two corpora.
+    Resumable: utterances already on disk are kept (a rerun of a finished corpus only rewrites its
+    small text files). An ``out_dir`` started with a different config is an error rather than a
+    silent mix of two corpora.
     """
     root = Path(out_dir).resolve()
     cfg_path = root / "config.yaml"
@@ -785,9 +785,6 @@ def build_mini_corpus(out_dir: str | os.PathLike, cfg: MiniCorpusConfig = MiniCo
         if config_hash(old) != config_hash(cfg):
             raise MiniCorpusError(f"{root} holds a corpus built with another config ({cfg_path}); "
                                   f"use a new --out-dir or delete it")
-        if is_done(root):
-            log.info("%s: done; skipping", root)
-            return root
     plan = plan_corpus(cfg)
     _check_tools({s.voice.engine for s in plan.speakers})
     root.mkdir(parents=True, exist_ok=True)

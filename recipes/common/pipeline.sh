@@ -9,8 +9,9 @@
 # (prepare-librispeech --split SUBSET:NAME=N,...: sets made by splitting a subset by speaker; seed
 # split_seed),
 # lm_transcripts=yes (train the LM on the training transcripts too); vocab_file may list several.
-# Every step is one `asr` call with explicit inputs and one output dir, skipped by run_step when
-# its stamp (command + config + upstream stamps) is unchanged.
+# Every step is one `asr` call with explicit inputs and one output dir (plus, where a step writes
+# elsewhere, its --outputs), skipped by run_step (asr/step.py) when its stamp (command + config +
+# upstream stamps) is unchanged and its outputs are intact.
 
 labelled_sets="$train_set $dev_sets $test_sets"
 all_sets="$labelled_sets $transfer_sets"      # transfer sets: audio only (distillation never reads their text)
@@ -79,7 +80,7 @@ case "$labels" in
 esac
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
   log "stage 4: GMM training and alignment (labels=$labels)"
-  run_step "$exp/gmm_mono" "$exp/lang $exp/feats/$train_set $conf/gmm.yaml" -- \
+  run_step "$exp/gmm_mono" "$exp/lang $exp/feats/$train_set $conf/gmm.yaml" --outputs "$mono_ali/$train_set" -- \
     "${asr[@]}" train-gmm --feats-dir "$exp/feats/$train_set" --manifest "$data/$train_set/manifest.jsonl" \
       --lang-dir "$exp/lang" --out-dir "$exp/gmm_mono" --ali-dir "$mono_ali/$train_set" \
       --config "$conf/gmm.yaml" --nj "$nj"
@@ -95,7 +96,7 @@ if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
     run_step "$exp/tree" "$exp/gmm_mono $conf/tree.yaml" -- \
       "${asr[@]}" build-tree --ali-dir "$mono_ali/$train_set" --feats-dir "$exp/feats/$train_set" \
         --lang-dir "$exp/lang" --mono-dir "$exp/gmm_mono" --out-dir "$exp/tree" --config "$conf/tree.yaml"
-    run_step "$exp/gmm_tri" "$exp/tree $conf/tri.yaml" -- \
+    run_step "$exp/gmm_tri" "$exp/tree $conf/tri.yaml" --outputs "$exp/ali/$train_set" -- \
       "${asr[@]}" train-tri --tree-dir "$exp/tree" --mono-dir "$exp/gmm_mono" --feats-dir "$exp/feats/$train_set" \
         --manifest "$data/$train_set/manifest.jsonl" --lang-dir "$exp/lang" --out-dir "$exp/gmm_tri" \
         --ali-dir "$exp/ali/$train_set" --config "$conf/tri.yaml" --nj "$nj"
