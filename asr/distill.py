@@ -664,6 +664,66 @@ def _write_choice(out_dir: Path, cfg: DistillConfig, names: Sequence[str], paths
     return choice
 
 
+def _student_names(cfg: DistillConfig, teacher_model_paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The students' directory names (``T<T>``), after checking that there is something to distil."""
+    names = [temperature_name(t) for t in cfg.temperatures]
+    if len(set(names)) != len(names):
+        raise ValueError(f"temperatures repeat: {list(cfg.temperatures)}")
+    if not teacher_model_paths:
+        raise DistillError("no teacher models given")
+    return names
+
+
+def _student_train_config(cfg: DistillConfig, teacher_meta: dict, train_cfg: Any | None,
+                          overrides: dict | None, device: str | None) -> Any:
+    """The students' TrainConfig: the teachers' (or the given) config, the schedule fields of
+    ``cfg`` on top, and ``device`` when one is given."""
+    train_cfg = _student_schedule(cfg, _train_config_for(teacher_meta, train_cfg, overrides))
+    if device is not None and device != train_cfg.device:
+        train_cfg = dataclasses.replace(train_cfg, device=device)
+    return train_cfg
+
+
+def _student_objective(cfg: DistillConfig, teachers: TeacherEnsemble, teacher_paths: Sequence[Path],
+                       data: "FrameData", feat_dim: int, cache_dir: Path, device: str) -> DistillObjective:
+    """The students' loss. Dev batches are scored against the teachers themselves: a top-k cache
+    covers only the training frames (``DistillObjective.for_evaluation``)."""
+    source = _soft_target_source(cfg, teachers, teacher_paths, data, cache_dir, device)
+    return DistillObjective(cfg.temperatures, cfg.hard_weight, source,
+                            eval_source=teachers if source is not teachers else None,
+                            augment=cfg.augment, feat_dim=feat_dim)
+
+
+def _student_metas(cfg: DistillConfig, teacher_paths: Sequence[Path], transfer: Sequence[str]) -> list[dict]:
+    """What each student's ``model.pt`` records about how it was made."""
+    common = {"kind": "distilled", "hard_weight": cfg.hard_weight, "teachers": [str(p) for p in teacher_paths],
+              "soft_targets": cfg.soft_targets, "transfer": list(transfer)}
+    return [{**common, "temperature": float(t)} for t in cfg.temperatures]
+
+
+def _write_diagnostics(out_dir: Path, cfg: DistillConfig, train_cfg: Any, teachers: TeacherEnsemble,
+                       students: StackedModel, names: Sequence[str], train: "FrameData", dev: "FrameData") -> None:
+    """``diagnostics.json``: how closely each student follows the ensemble on training and dev frames."""
+    from asr.diagnostics import distill_diagnostics
+
+    atomic_write_json(out_dir / "diagnostics.json",
+                      distill_diagnostics(teachers, students, names, train, dev, cfg.diagnostics_frames,
+                                          batch_size=train_cfg.eval_batch_size))
+
+
+def _write_posteriors(students: StackedModel, names: Sequence[str], out_dir: Path,
+                      post_sets: Mapping[str, str | os.PathLike], cmvn: str, train_cfg: Any) -> None:
+    """``<T>/post/<set>.npy`` for every set of ``post_sets``, one set in memory at a time."""
+    from asr.frames import FrameData
+    from asr.train import features_dtype, save_posteriors
+
+    for set_name, feats_dir in post_sets.items():
+        data = FrameData.from_dirs(feats_dir, None, cmvn=cmvn, device=train_cfg.device, dtype=features_dtype(train_cfg))
+        save_posteriors(students, data, [out_dir / n / "post" / f"{set_name}.npy" for n in names],
+                        batch_size=train_cfg.eval_batch_size, dtype=train_cfg.dtype)
+        del data
+
+
 def distill(
     cfg: DistillConfig,
     train_feats_dir: str | os.PathLike,
@@ -681,34 +741,26 @@ def distill(
 ) -> list[Path]:
     """Train one student per temperature (stacked, one call of ``train_stack``) and pick one on dev.
 
-    ``train_cfg`` (an :class:`asr.train.TrainConfig`) defaults to the teachers' own stored training
-    config, so the student has the members' architecture and size; the schedule fields of ``cfg``
-    (epochs, batch_size, lr, threads) go on top. ``transfer_feats_dirs``: feature dirs of unlabelled
-    audio the students also learn from (soft loss only; their transcripts are never read).
-    Writes ``out_dir/T<T>/model.pt`` (+ ``train_log.csv``, ``summary.json``, ``distill.json``,
-    ``priors.npy``: the student's mean posterior over the training frames), ``T<T>/post/<set>.npy``
-    for each ``post_sets`` entry (``{set name: feats dir}``), ``choice.json`` (per-temperature dev
-    frame accuracy, the chosen T), ``diagnostics.json`` (student-ensemble agreement and KL on
-    training and dev frames), ``config.yaml``, ``train_config.yaml``, ``.done``; the training loop's
-    own state lives in ``out_dir/train-<hash>/``. In cache mode the top-k caches are read from /
-    written to ``cache_dir`` (default ``out_dir/soft_targets``). Returns the students' model paths
-    in ``cfg.temperatures`` order.
+    ``train_cfg`` (an :class:`asr.train.TrainConfig`) defaults to the teachers' own stored training config, so
+    the student has the members' architecture and size; the schedule fields of ``cfg`` (epochs, batch_size,
+    lr, threads) go on top. ``transfer_feats_dirs``: feature dirs of unlabelled audio the students also
+    learn from (soft loss only; their transcripts are never read). Writes ``out_dir/T<T>/model.pt``
+    (+ ``train_log.csv``, ``summary.json``, ``distill.json``, ``priors.npy``: the student's mean posterior
+    over the training frames), ``T<T>/post/<set>.npy`` for each ``post_sets`` entry (``{set name: feats
+    dir}``), ``choice.json`` (per-temperature dev frame accuracy, the chosen T), ``diagnostics.json``
+    (student-ensemble agreement and KL on training and dev frames), ``config.yaml``, ``train_config.yaml``,
+    ``.done``; the training loop's own state lives in ``out_dir/train-<hash>/``. In cache mode the top-k
+    caches are read from / written to ``cache_dir`` (default ``out_dir/soft_targets``). Returns the
+    students' model paths in ``cfg.temperatures`` order.
     """
-    from asr.diagnostics import distill_diagnostics
     from asr.frames import FrameData
-    from asr.train import features_dtype, save_posteriors, train_stack, write_priors
+    from asr.train import features_dtype, train_stack, write_priors
 
-    names = [temperature_name(t) for t in cfg.temperatures]
-    if len(set(names)) != len(names):
-        raise ValueError(f"temperatures repeat: {list(cfg.temperatures)}")
-    if not teacher_model_paths:
-        raise DistillError("no teacher models given")
+    names = _student_names(cfg, teacher_model_paths)
     out_dir = Path(out_dir)
     teacher_paths = [Path(p) for p in teacher_model_paths]
     teacher_one, teacher_meta = load_model(teacher_paths[0])
-    train_cfg = _student_schedule(cfg, _train_config_for(teacher_meta, train_cfg, train_overrides))
-    if device is not None and device != train_cfg.device:
-        train_cfg = dataclasses.replace(train_cfg, device=device)
+    train_cfg = _student_train_config(cfg, teacher_meta, train_cfg, train_overrides, device)
     device = train_cfg.device
     if train_cfg.threads > 0:
         torch.set_num_threads(train_cfg.threads)
@@ -728,32 +780,21 @@ def distill(
                                         teacher_one.input_feat_dim)
     dev = FrameData.from_dirs(dev_feats_dir, dev_ali_dir, cmvn=cfg.cmvn, device=device, dtype=features_dtype(train_cfg))
     teachers = TeacherEnsemble(load_stack(teacher_paths).to(device), bf16=_use_bf16(train_cfg))
-    source = _soft_target_source(cfg, teachers, teacher_paths, student_data,
-                                 Path(cache_dir) if cache_dir is not None else out_dir / "soft_targets", device)
-    objective = DistillObjective(cfg.temperatures, cfg.hard_weight, source,
-                                 eval_source=teachers if source is not teachers else None,
-                                 augment=cfg.augment, feat_dim=teacher_one.input_feat_dim)
-    common = {"kind": "distilled", "hard_weight": cfg.hard_weight, "teachers": [str(p) for p in teacher_paths],
-              "soft_targets": cfg.soft_targets, "transfer": transfer}
-    metas = [{**common, "temperature": float(t)} for t in cfg.temperatures]
+    objective = _student_objective(cfg, teachers, teacher_paths, student_data, teacher_one.input_feat_dim,
+                                   Path(cache_dir) if cache_dir is not None else out_dir / "soft_targets", device)
     paths = [Path(p) for p in train_stack(train_cfg, student_data, dev, out_dir, seeds=[cfg.seed] * len(names),
-                                          objective=objective, member_names=names, extra_meta=metas,
+                                          objective=objective, member_names=names,
+                                          extra_meta=_student_metas(cfg, teacher_paths, transfer),
                                           state_dir=out_dir / f"train-{_run_hash(cfg)}")]
-    del source, objective, student_data
-
+    del objective, student_data
+    # What the students are: the choice of T on dev, priors, diagnostics, posteriors.
     students = load_stack(paths).to(device)
     _check_same_arch(students, teacher_paths[0], teacher_one)
     _write_choice(out_dir, cfg, names, paths, teacher_paths, Path(dev_feats_dir).name)
     write_priors(students, train, [p.parent / "priors.npy" for p in paths], dtype=train_cfg.dtype)
-    atomic_write_json(out_dir / "diagnostics.json",
-                      distill_diagnostics(teachers, students, names, train, dev, cfg.diagnostics_frames,
-                                          batch_size=train_cfg.eval_batch_size))
+    _write_diagnostics(out_dir, cfg, train_cfg, teachers, students, names, train, dev)
     del teachers, train
-    for set_name, feats_dir in post_sets.items():
-        data = FrameData.from_dirs(feats_dir, None, cmvn=cfg.cmvn, device=device, dtype=features_dtype(train_cfg))
-        save_posteriors(students, data, [out_dir / n / "post" / f"{set_name}.npy" for n in names],
-                        batch_size=train_cfg.eval_batch_size, dtype=train_cfg.dtype)
-        del data
+    _write_posteriors(students, names, out_dir, post_sets, cfg.cmvn, train_cfg)
     mark_done(out_dir, {**done_key, "best_temperature": read_json(out_dir / "choice.json")["best_temperature"]})
     return paths
 

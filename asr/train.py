@@ -15,7 +15,13 @@ epoch statistics, the position in the epoch's data order and the config) is writ
 batches from where the checkpoint left off and finishes with the same weights as an uninterrupted run.
 
 Multi-GPU: under ``torchrun`` each rank either takes a slice of every global batch (data parallel,
-PyTorch DDP; ``parallel=data``) or trains its own share of the members (``parallel=members``).
+PyTorch DDP; ``parallel=data``: dev is split too and the sums all-reduced) or trains its own share of
+the members (``parallel=members``: each rank scores its members on the whole dev set, with no
+collective until all are done). :class:`Shard` says which.
+
+Reading order: :func:`train_stack` (set up, resume, loop, export), then :func:`_train_epochs` (the
+loop itself) and the pieces it calls: ``_train_step``, ``_end_epoch`` (``evaluate``, ``_keep_best``,
+``_schedule``: newbob), ``_save_state`` / ``_resume`` (checkpoints), ``_EpochLog`` (logs).
 """
 
 from __future__ import annotations
@@ -52,7 +58,9 @@ __all__ = [
     "StackedOptimizer",
     "resolve_arch",
     "train_stack",
+    "train_seeds",
     "train_members",
+    "Shard",
     "evaluate",
     "compute_log_posteriors",
     "iter_log_posteriors",
@@ -287,11 +295,74 @@ class StackedOptimizer:
 
 
 def _dist() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) outside one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of every batch: rank ``rank`` of ``world`` data-parallel ranks.
+
+    ``world > 1`` (``parallel=data`` under torchrun): each rank takes a slice of every training and
+    dev batch, DDP averages the gradients and the epoch's sums are all-reduced, so every rank sees
+    the same numbers and takes the same schedule decisions. ``world == 1`` (one process, or
+    ``parallel=members``, where each rank trains members of its own): whole batches and no
+    collective, so ranks with different members, or different numbers of them, never wait on each
+    other and each member is scored on the whole dev set.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this rank writes the run's files (rank 0 of a data-parallel group)."""
+        return self.rank == 0
+
+    def slice(self, batch: FrameBatch, chunked: bool) -> FrameBatch:
+        """This rank's share of a global batch (frames, or whole chunks for chunk batches)."""
+        if self.world == 1:
+            return batch
+        n = batch.x.shape[0]
+        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        per = batch.labels.numel() // n if chunked else 1
+        return FrameBatch(x=batch.x[lo:hi], labels=batch.labels[lo * per: hi * per],
+                          frame_idx=batch.frame_idx[lo * per: hi * per])
+
+    def all_reduce(self, *tensors: torch.Tensor) -> None:
+        """Sum ``tensors`` in place over the ranks (nothing to do for one rank)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for t in tensors:
+                dist.all_reduce(t)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _shard_for(data_parallel: bool | None) -> Shard:
+    """The shard of one ``train_stack`` call: data parallel over every rank when torch.distributed
+    is initialised and ``data_parallel`` is not False, else the whole batch."""
+    rank, world = _dist()
+    return Shard(rank, world) if world > 1 and data_parallel is not False else Shard()
+
+
+def _wrap_ddp(model: StackedModel, shard: Shard, device: torch.device) -> torch.nn.Module:
+    """What the training forward pass goes through: DDP (gradients averaged over the ranks) for a
+    data-parallel shard, else the model itself."""
+    if shard.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def uses_bf16(device: torch.device, dtype: str) -> bool:
@@ -338,65 +409,62 @@ def _batch_generator(data_seed: int, epoch: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(data_seed) * 1_000_003 + int(epoch) * 104_729 + int(batch) * 31 + 5)
 
 
-def _rank_slice(batch: FrameBatch, rank: int, world: int, chunked: bool) -> FrameBatch:
-    """This rank's share of a global batch (frames, or whole chunks for chunk batches)."""
-    if world == 1:
-        return batch
-    n = batch.x.shape[0]
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    per = batch.labels.numel() // n if chunked else 1
-    return FrameBatch(x=batch.x[lo:hi], labels=batch.labels[lo * per: hi * per],
-                      frame_idx=batch.frame_idx[lo * per: hi * per])
-
-
 def _input(x: torch.Tensor, autocast_on: bool) -> torch.Tensor:
     return x if autocast_on or x.dtype == torch.float32 else x.float()
 
 
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels on a CPU (the same seed gives the same weights), restored afterwards."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module | StackedModel, data: FrameData, cfg: TrainConfig,
-             objective: Objective | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+             objective: Objective | None = None, shard: Shard = Shard()) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-member mean loss ``(M,)`` and frame accuracy ``(M,)`` over the labelled frames of ``data``.
 
-    Under torch.distributed each rank scores a slice of every batch and the sums are all-reduced.
+    The objective's ``for_evaluation()`` (when it has one) scores the batches. ``shard``: with
+    ``world > 1`` this rank scores a slice of every batch and the sums are all-reduced (data
+    parallel, every rank must call); the default scores the whole set here, with no collective.
     """
     objective = objective or CrossEntropyObjective()
     if hasattr(objective, "for_evaluation"):
         objective = objective.for_evaluation()
     inner = model.module if hasattr(model, "module") else model
     device = next(inner.parameters()).device
-    rank, world = _dist()
     M = inner.num_members
     loss_sum = torch.zeros(M, dtype=torch.float64, device=device)
     correct = torch.zeros(M, dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    ac = _autocast(device, cfg.dtype)
-    ac_on = not isinstance(ac, contextlib.nullcontext)
+    bf16 = uses_bf16(device, cfg.dtype)
     was_training = inner.training
     inner.eval()
     left, right = inner.context
     for batch in iterate_batches(data, cfg.eval_batch_size, left, right, None, shuffle=False):
-        batch = _rank_slice(batch, rank, world, chunked=False)
+        batch = shard.slice(batch, chunked=False)
         if batch.labels.numel() == 0:
             continue
-        with ac:
-            logits = inner(_input(batch.x, ac_on))
+        with _autocast(device, cfg.dtype):
+            logits = inner(_input(batch.x, bf16))                       # (M, rows, pdfs)
         n = (batch.labels >= 0).sum()
         loss_sum += objective(logits, batch).double() * n
         correct += ((logits.argmax(-1) == batch.labels) & (batch.labels >= 0)).sum(1).double()
         count += n
-    if world > 1:
-        import torch.distributed as dist
-
-        for t in (loss_sum, correct, count):
-            dist.all_reduce(t)
+    shard.all_reduce(loss_sum, correct, count)
     inner.train(was_training)
     c = max(float(count), 1.0)
     return (loss_sum / c).float().cpu(), (correct / c).float().cpu(), int(count)
 
 
 # --------------------------------------------------------------------------------------------
-# The loop
+# The loop: its state, its pieces, then train_stack
 
 
 @dataclass
@@ -422,6 +490,181 @@ class _Progress:
                    history=[[] for _ in range(M)])
 
 
+@dataclass
+class _EpochSums:
+    """The current epoch's training sums on this rank (per member loss x frames and correct
+    frames, the frame count) and the seconds spent in it."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    count: torch.Tensor
+    seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, M: int, device: torch.device) -> "_EpochSums":
+        return cls(torch.zeros(M, dtype=torch.float64, device=device),
+                   torch.zeros(M, dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.float64, device=device))
+
+    @torch.no_grad()
+    def add(self, loss_vec: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = (labels >= 0).sum()
+        self.loss += loss_vec.detach().double() * n
+        self.correct += ((logits.detach().argmax(-1) == labels) & (labels >= 0)).sum(1).double()
+        self.count += n
+
+    def lap(self, t0: float) -> float:
+        """Add the seconds since ``t0`` to the epoch's time; return now."""
+        now = time.time()
+        self.seconds += now - t0
+        return now
+
+    def means(self, shard: Shard) -> tuple[list[float], list[float]]:
+        """Per-member mean training loss and accuracy of the epoch over every rank of ``shard``."""
+        shard.all_reduce(self.loss, self.correct, self.count)
+        c = max(float(self.count), 1.0)
+        return (self.loss / c).cpu().tolist(), (self.correct / c).cpu().tolist()
+
+    def reset(self) -> None:
+        for t in (self.loss, self.correct, self.count):
+            t.zero_()
+        self.seconds = 0.0
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The fixed facts of one ``train_stack`` call, worked out once before the loop."""
+
+    cfg: TrainConfig
+    arch: ArchConfig
+    seeds: list[int]
+    names: list[str]
+    metas: list[dict]
+    num_pdfs: int
+    out_dir: Path
+    state_dir: Path
+    data_seed: int
+    identity: dict
+    shard: Shard
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.cfg.device)
+
+    @property
+    def model_paths(self) -> list[Path]:
+        return [self.out_dir / n / "model.pt" for n in self.names]
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / "train_state.pt"
+
+    @property
+    def ident_hash(self) -> str:
+        return _identity_hash(self.identity)
+
+
+@dataclass
+class _State:
+    """What the loop changes, and what ``train_state.pt`` holds: weights, optimiser, each
+    member's best weights so far, the schedule's progress and the epoch's running sums."""
+
+    model: StackedModel
+    opt: StackedOptimizer
+    best: list[torch.Tensor]
+    prog: _Progress
+    sums: _EpochSums
+
+
+def _check_data(cfg: TrainConfig, arch: ArchConfig, train: FrameData, dev: FrameData) -> int:
+    """The number of pdfs to train for, after checking that config, train and dev fit together."""
+    if arch.kind != "tdnn" and cfg.chunk_len > 0:
+        raise TrainError(f"chunk batches (chunk_len={cfg.chunk_len}) need a tdnn model, not {cfg.arch!r}")
+    num_pdfs = train.num_pdfs or (int(train.labels.max()) + 1 if train.num_labelled else 0)
+    if num_pdfs <= 0:
+        raise TrainError("training data has no labelled frames")
+    if dev.num_pdfs is not None and dev.num_pdfs != num_pdfs:
+        raise TrainError(f"dev data has {dev.num_pdfs} pdfs, training data {num_pdfs}")
+    if dev.feat_dim != train.feat_dim:
+        raise TrainError(f"dev features have dim {dev.feat_dim}, training features {train.feat_dim}")
+    if dev.num_labelled == 0:
+        raise TrainError("dev data has no labelled frames: early stopping and newbob need them")
+    return num_pdfs
+
+
+def _plan_run(cfg: TrainConfig, train: FrameData, dev: FrameData, out_dir: str | os.PathLike,
+              seeds: Sequence[int], objective: Objective, member_names: Sequence[str] | None,
+              extra_meta: Sequence[dict] | None, state_dir: str | os.PathLike | None,
+              data_parallel: bool | None) -> _Run:
+    """Check the arguments of ``train_stack`` and fix the run's names, identity and shard."""
+    seeds = [int(s) for s in seeds]
+    M = len(seeds)
+    if M == 0:
+        raise TrainError("train_stack needs at least one seed")
+    names = list(member_names) if member_names is not None else [f"seed{s}" for s in seeds]
+    if len(names) != M or len(set(names)) != M:
+        raise TrainError(f"member_names must be {M} unique names, got {names}")
+    metas = list(extra_meta) if extra_meta is not None else [{} for _ in range(M)]
+    if len(metas) != M:
+        raise TrainError(f"extra_meta must have {M} entries, got {len(metas)}")
+    arch = resolve_arch(cfg)
+    num_pdfs = _check_data(cfg, arch, train, dev)
+    data_seed = cfg.data_order_seed if cfg.data_order_seed is not None else (seeds[0] if M == 1 else 0)
+    out_dir = Path(out_dir)
+    return _Run(cfg=cfg, arch=arch, seeds=seeds, names=names, metas=metas, num_pdfs=num_pdfs, out_dir=out_dir,
+                state_dir=Path(state_dir) if state_dir is not None else out_dir, data_seed=data_seed,
+                identity=_run_identity(cfg, arch, seeds, names, objective, data_seed, train),
+                shard=_shard_for(data_parallel))
+
+
+def _new_state(run: _Run, train: FrameData) -> _State:
+    """Freshly initialised members (each from its seed), optimiser and progress."""
+    model = build_stack(run.arch, train.feat_dim, run.num_pdfs, run.seeds).to(run.device)
+    M = len(run.seeds)
+    log.info("%d member(s) of %s (%s): %d parameters each, context %s, %d labelled training frames",
+             M, run.cfg.arch, run.arch.kind, model.params_per_member, model.context, train.num_labelled)
+    return _State(model=model, opt=StackedOptimizer(list(model.parameters()), run.cfg, M),
+                  best=[p.detach().clone() for p in model.parameters()], prog=_Progress.fresh(M),
+                  sums=_EpochSums.zeros(M, run.device))
+
+
+def _save_state(run: _Run, state: _State) -> None:
+    """Write ``train_state.pt`` atomically (on the main rank only)."""
+    if not run.shard.main:
+        return
+    s = state.sums
+    atomic_torch_save({
+        "identity": run.identity,
+        "model": {k: v.detach() for k, v in state.model.state_dict().items()},
+        "optimizer": state.opt.state_dict(),
+        "best": list(state.best),
+        "progress": dataclasses.asdict(state.prog),
+        "acc_loss": s.loss, "acc_correct": s.correct, "acc_count": s.count,
+        "epoch_seconds": s.seconds,
+        "rng": {"torch_cpu": torch.get_rng_state()},   # unused by the loop (explicit generators)
+    }, run.state_path)
+
+
+def _resume(run: _Run, state: _State) -> None:
+    """Load the ``train_state.pt`` a killed run left into ``state``; refuse another run's."""
+    if not run.state_path.is_file():
+        return
+    st = safe_torch_load(run.state_path, map_location=run.device)
+    if st.get("identity") != run.identity:
+        raise TrainError(f"{run.state_path}: belongs to a different run (config, seeds or data changed); "
+                         f"delete it or use another output directory")
+    state.model.load_state_dict(st["model"])
+    state.opt.load_state_dict(st["optimizer"])
+    for b, src in zip(state.best, st["best"]):
+        b.copy_(src)
+    state.prog = _Progress(**st["progress"])
+    for t, key in ((state.sums.loss, "acc_loss"), (state.sums.correct, "acc_correct"), (state.sums.count, "acc_count")):
+        t.copy_(st[key])
+    state.sums.seconds = float(st["epoch_seconds"])
+    log.info("resuming %s at epoch %d, batch %d (step %d)", run.state_dir, state.prog.epoch + 1,
+             state.prog.batch_in_epoch, state.prog.step)
+
+
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "dev_loss", "dev_acc", "active", "seconds"]
 
 
@@ -443,6 +686,191 @@ def _open_writers(out_dir: Path, names: Sequence[str]) -> list[Any]:
     return [SummaryWriter(log_dir=str(out_dir / n / "tb")) for n in names]
 
 
+class _EpochLog:
+    """Where each member's epoch row goes: the log, and on the main rank ``<name>/train_log.csv``
+    and TensorBoard (``<name>/tb/``)."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.writers = _open_writers(run.out_dir, run.names) if run.shard.main and run.cfg.tensorboard else []
+
+    def __enter__(self) -> "_EpochLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for w in self.writers:
+            w.close()
+
+    def write(self, m: int, prog: _Progress) -> None:
+        row, name = prog.history[m][-1], self.run.names[m]
+        log.info("%s epoch %d: lr %.3g train loss %.4f acc %.4f | dev loss %.4f acc %.4f%s", name,
+                 row["epoch"], row["lr"], row["train_loss"], row["train_acc"], row["dev_loss"], row["dev_acc"],
+                 "" if prog.active[m] else f" (stopped: {prog.stop_reason[m]})")
+        if not self.run.shard.main:
+            return
+        (self.run.out_dir / name).mkdir(parents=True, exist_ok=True)
+        _write_member_log(self.run.out_dir / name / "train_log.csv", prog.history[m])
+        if self.writers:
+            w = self.writers[m]
+            for k in ("train_loss", "train_acc", "dev_loss", "dev_acc", "lr"):
+                w.add_scalar(k.replace("_", "/", 1) if k != "lr" else "lr", row[k], row["epoch"])
+            w.flush()
+
+
+def _epoch_bar(run: _Run, prog: _Progress, total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=prog.batch_in_epoch, desc=f"epoch {prog.epoch + 1}/{run.cfg.epochs}",
+                unit="batch", disable=(not run.cfg.progress or not run.shard.main) or None, leave=False)
+
+
+def _prepare(run: _Run, prog: _Progress, batch: FrameBatch, objective: Objective) -> FrameBatch:
+    """A batch's randomness, seeded by (run, epoch, batch) so that a resumed run repeats it: the
+    objective's augmentation (``prepare``) and the dropout masks (global RNG)."""
+    prepare = getattr(objective, "prepare", None)
+    if prepare is not None:
+        batch = prepare(batch, _batch_generator(run.data_seed, prog.epoch, prog.batch_in_epoch))
+    if run.arch.dropout:
+        torch.manual_seed(_batch_generator(run.data_seed, prog.epoch, prog.batch_in_epoch).initial_seed())
+    return batch
+
+
+def _train_step(run: _Run, state: _State, fwd: torch.nn.Module, objective: Objective, batch: FrameBatch,
+                active: torch.Tensor) -> None:
+    """One optimiser step of the active members on this rank's slice of a global batch."""
+    world = run.shard.world
+    gcount = (batch.labels >= 0).sum()
+    batch = run.shard.slice(batch, chunked=run.cfg.chunk_len > 0)
+    n = (batch.labels >= 0).sum()
+    with _autocast(run.device, run.cfg.dtype):
+        logits = fwd(_input(batch.x, uses_bf16(run.device, run.cfg.dtype)))   # (M, rows, pdfs)
+    loss_vec = objective(logits, batch)                                         # (M,)
+    # DDP averages gradients over ranks: weight each rank by its share of the global batch.
+    scale = (n.double() * world / gcount.clamp(min=1)).to(loss_vec.dtype) if world > 1 else 1.0
+    loss = (loss_vec * active.to(loss_vec.dtype)).sum() * scale
+    state.opt.zero_grad()
+    loss.backward()
+    state.opt.step(active)
+    state.sums.add(loss_vec, logits, batch.labels)
+
+
+def _keep_best(state: _State, m: int, acc: float, loss: float) -> float:
+    """Record member ``m``'s dev result; its weights become its best when dev accuracy improved.
+    Returns the improvement (infinite on the first epoch)."""
+    prog = state.prog
+    impr = acc - prog.best_acc[m] if prog.best_epoch[m] >= 0 else math.inf
+    if impr > 0:
+        prog.best_acc[m], prog.best_loss[m], prog.best_epoch[m] = acc, loss, prog.epoch
+        prog.bad_epochs[m] = 0
+        with torch.no_grad():
+            for b, p in zip(state.best, state.model.parameters()):
+                b[m].copy_(p[m])
+    else:
+        prog.bad_epochs[m] += 1
+    return impr
+
+
+def _schedule(cfg: TrainConfig, prog: _Progress, m: int, impr: float, lr: float) -> float:
+    """Member ``m``'s learning rate for the next epoch (newbob: halve once an epoch gains less than
+    ``newbob_start``, stop while halving when it gains less than ``newbob_end``); early stopping
+    after ``patience`` epochs without a new best."""
+    if cfg.lr_schedule == "newbob":
+        if prog.halving[m] and impr < cfg.newbob_end:
+            prog.active[m], prog.stop_reason[m] = False, "newbob"
+        elif prog.halving[m] or impr < cfg.newbob_start:
+            prog.halving[m] = True
+            lr = lr * cfg.newbob_factor
+    if prog.active[m] and prog.bad_epochs[m] >= cfg.patience:
+        prog.active[m], prog.stop_reason[m] = False, "early_stopping"
+    return lr
+
+
+def _end_epoch(run: _Run, state: _State, dev: FrameData, objective: Objective, elog: _EpochLog) -> None:
+    """Score dev, keep best weights, apply the schedule per member, log the epoch, start the next."""
+    prog = state.prog
+    tr_loss, tr_acc = state.sums.means(run.shard)
+    dev_loss, dev_acc, _ = evaluate(state.model, dev, run.cfg, objective, run.shard)
+    lrs = state.opt.lr.cpu().tolist()
+    new_lr = list(lrs)
+    for m in range(len(lrs)):
+        if not prog.active[m]:
+            continue
+        acc, loss = float(dev_acc[m]), float(dev_loss[m])
+        row = {"epoch": prog.epoch + 1, "lr": lrs[m], "train_loss": tr_loss[m], "train_acc": tr_acc[m],
+               "dev_loss": loss, "dev_acc": acc, "active": 1, "seconds": round(state.sums.seconds, 2)}
+        prog.history[m].append(row)
+        new_lr[m] = _schedule(run.cfg, prog, m, _keep_best(state, m, acc, loss), lrs[m])
+        row["active"] = int(prog.active[m])
+        elog.write(m, prog)
+    state.opt.lr.copy_(torch.tensor(new_lr, dtype=torch.float64))
+    prog.epoch += 1
+    prog.batch_in_epoch = 0
+    state.sums.reset()
+
+
+def _train_epochs(run: _Run, state: _State, fwd: torch.nn.Module, train: FrameData, dev: FrameData,
+                  objective: Objective, elog: _EpochLog,
+                  step_callback: Callable[[int, StackedModel], None] | None) -> bool:
+    """Epochs until every member has stopped or ``epochs`` is reached, checkpointing as it goes.
+    Returns False when ``max_steps`` ended the run first."""
+    cfg, prog = run.cfg, state.prog
+    only_labelled = getattr(objective, "needs_labels", True)
+    state.model.train()
+    while prog.epoch < cfg.epochs and any(prog.active):
+        active = torch.tensor(prog.active, device=run.device)
+        order = _epoch_generator(run.data_seed, prog.epoch)
+        bar = _epoch_bar(run, prog, _num_batches(cfg, train, only_labelled))
+        t0 = time.time()
+        for batch in _batches(cfg, state.model, train, order, shuffle=True, start_batch=prog.batch_in_epoch,
+                              only_labelled=only_labelled):
+            _train_step(run, state, fwd, objective, _prepare(run, prog, batch, objective), active)
+            prog.batch_in_epoch += 1
+            prog.step += 1
+            bar.update(1)
+            if cfg.checkpoint_every_steps and prog.step % cfg.checkpoint_every_steps == 0:
+                t0 = state.sums.lap(t0)
+                _save_state(run, state)
+            if step_callback is not None:
+                step_callback(prog.step, state.model)
+            if cfg.max_steps and prog.step >= cfg.max_steps:
+                bar.close()
+                state.sums.lap(t0)
+                _save_state(run, state)
+                log.info("stopped after max_steps=%d (rerun without it to resume)", cfg.max_steps)
+                return False
+        bar.close()
+        state.sums.lap(t0)
+        _end_epoch(run, state, dev, objective, elog)
+        _save_state(run, state)
+    return True
+
+
+def _member_with(model: StackedModel, m: int, tensors: Sequence[torch.Tensor]) -> StackedModel:
+    """Member ``m`` of ``model`` with its weights taken from ``tensors`` (parallel to parameters())."""
+    one = model.member(m)
+    with torch.no_grad():
+        for p, src in zip(one.parameters(), tensors):
+            p.copy_(src[m: m + 1])
+    return one
+
+
+def _export_members(run: _Run, state: _State, complete: bool) -> None:
+    """Each member's best-dev weights (its last ones if it never scored) as ``<name>/model.pt``,
+    with ``summary.json`` beside it."""
+    prog, params = state.prog, list(state.model.parameters())
+    for m, (name, path) in enumerate(zip(run.names, run.model_paths)):
+        member = _member_with(state.model, m, state.best if prog.best_epoch[m] >= 0 else params)
+        summary = {
+            "name": name, "seed": run.seeds[m], "params": state.model.params_per_member,
+            "arch_preset": run.cfg.arch, "best_epoch": prog.best_epoch[m] + 1,
+            "best_dev_acc": prog.best_acc[m], "best_dev_loss": prog.best_loss[m],
+            "epochs_trained": len(prog.history[m]), "stop_reason": prog.stop_reason[m] or "max_epochs",
+            "data_order_seed": run.data_seed, "steps": prog.step, "complete": complete,
+        }
+        save_model(member, path, {"train_config": config_to_dict(run.cfg), "summary": summary, **run.metas[m]})
+        atomic_write_json(run.out_dir / name / "summary.json", summary)
+
+
 def train_stack(cfg: TrainConfig, train: FrameData, dev: FrameData, out_dir: str | os.PathLike,
                 seeds: Sequence[int], objective: Objective | None = None,
                 member_names: Sequence[str] | None = None, extra_meta: Sequence[dict] | None = None,
@@ -456,267 +884,32 @@ def train_stack(cfg: TrainConfig, train: FrameData, dev: FrameData, out_dir: str
     ``out_dir``) holds the run's ``config.yaml``, ``train_state.pt`` (resume) and ``.done``.
     ``step_callback(step, model)`` runs after every optimiser step (tests use it to simulate a kill).
     ``data_parallel`` (default: whether torch.distributed is initialised) shards every batch over
-    the ranks with DDP; only rank 0 writes files.
+    the ranks with DDP; only rank 0 writes files. False: this process trains its members alone.
     """
-    out_dir = Path(out_dir)
-    state_dir = Path(state_dir) if state_dir is not None else out_dir
-    seeds = [int(s) for s in seeds]
-    M = len(seeds)
-    if M == 0:
-        raise TrainError("train_stack needs at least one seed")
-    names = list(member_names) if member_names is not None else [f"seed{s}" for s in seeds]
-    if len(names) != M or len(set(names)) != M:
-        raise TrainError(f"member_names must be {M} unique names, got {names}")
-    metas = list(extra_meta) if extra_meta is not None else [{} for _ in range(M)]
-    if len(metas) != M:
-        raise TrainError(f"extra_meta must have {M} entries, got {len(metas)}")
     objective = objective or CrossEntropyObjective()
-    arch = resolve_arch(cfg)
-    if arch.kind != "tdnn" and cfg.chunk_len > 0:
-        raise TrainError(f"chunk batches (chunk_len={cfg.chunk_len}) need a tdnn model, not {cfg.arch!r}")
-    num_pdfs = train.num_pdfs or (int(train.labels.max()) + 1 if train.num_labelled else 0)
-    if num_pdfs <= 0:
-        raise TrainError("training data has no labelled frames")
-    if dev.num_pdfs is not None and dev.num_pdfs != num_pdfs:
-        raise TrainError(f"dev data has {dev.num_pdfs} pdfs, training data {num_pdfs}")
-    if dev.feat_dim != train.feat_dim:
-        raise TrainError(f"dev features have dim {dev.feat_dim}, training features {train.feat_dim}")
-    if dev.num_labelled == 0:
-        raise TrainError("dev data has no labelled frames: early stopping and newbob need them")
-    device = torch.device(cfg.device)
-    if train.device != device:
-        train = train.to(device)
-    if dev.device != device:
-        dev = dev.to(device)
-    rank, world = _dist()
-    ddp = (world > 1) if data_parallel is None else (data_parallel and world > 1)
-    if not ddp:
-        rank, world = 0, 1
-    main = rank == 0
-    data_seed = cfg.data_order_seed if cfg.data_order_seed is not None else (seeds[0] if M == 1 else 0)
-    identity = _run_identity(cfg, arch, seeds, names, objective, data_seed, train)
-    ident_hash = _identity_hash(identity)
-    model_paths = [out_dir / n / "model.pt" for n in names]
-    if is_done(state_dir) and read_json(state_dir / ".done").get("run") == ident_hash \
-            and all(p.is_file() for p in model_paths):
-        log.info("%s: already trained (%d member(s)); skipping", state_dir, M)
-        return model_paths
-
-    model = build_stack(arch, train.feat_dim, num_pdfs, seeds).to(device)
-    log.info("%d member(s) of %s (%s): %d parameters each, context %s, %d labelled training frames",
-             M, cfg.arch, arch.kind, model.params_per_member, model.context, train.num_labelled)
-    opt = StackedOptimizer(list(model.parameters()), cfg, M)
-    best = [p.detach().clone() for p in model.parameters()]
-    prog = _Progress.fresh(M)
-    acc_loss = torch.zeros(M, dtype=torch.float64, device=device)   # running sums of this epoch
-    acc_correct = torch.zeros(M, dtype=torch.float64, device=device)
-    acc_count = torch.zeros((), dtype=torch.float64, device=device)
-    epoch_seconds = 0.0
-
-    state_path = state_dir / "train_state.pt"
-    if state_path.is_file():
-        st = safe_torch_load(state_path, map_location=device)
-        if st.get("identity") != identity:
-            raise TrainError(f"{state_path}: belongs to a different run (config, seeds or data changed); "
-                             f"delete it or use another output directory")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        for b, src in zip(best, st["best"]):
-            b.copy_(src)
-        prog = _Progress(**st["progress"])
-        acc_loss.copy_(st["acc_loss"])
-        acc_correct.copy_(st["acc_correct"])
-        acc_count.copy_(st["acc_count"])
-        epoch_seconds = float(st["epoch_seconds"])
-        log.info("resuming %s at epoch %d, batch %d (step %d)", state_dir, prog.epoch + 1,
-                 prog.batch_in_epoch, prog.step)
-    if main:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, state_dir)
-
-    def save_state() -> None:
-        if not main:
-            return
-        atomic_torch_save({
-            "identity": identity,
-            "model": {k: v.detach() for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(),
-            "best": [b for b in best],
-            "progress": dataclasses.asdict(prog),
-            "acc_loss": acc_loss, "acc_correct": acc_correct, "acc_count": acc_count,
-            "epoch_seconds": epoch_seconds,
-            "rng": {"torch_cpu": torch.get_rng_state()},   # unused by the loop (explicit generators)
-        }, state_path)
-
-    fwd: torch.nn.Module = model
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    ac = _autocast(device, cfg.dtype)
-    ac_on = not isinstance(ac, contextlib.nullcontext)
-    writers = _open_writers(out_dir, names) if (main and cfg.tensorboard) else []
-    chunked = cfg.chunk_len > 0
-    det_prev = torch.are_deterministic_algorithms_enabled()
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
-    stopped_by_max_steps = False
-    try:
-        from tqdm import tqdm
-
-        model.train()
-        labelled_only = getattr(objective, "needs_labels", True)
-        prepare = getattr(objective, "prepare", None)
-        while prog.epoch < cfg.epochs and any(prog.active):
-            active = torch.tensor(prog.active, device=device)
-            nb = _num_batches(cfg, train, labelled_only)
-            gen = _epoch_generator(data_seed, prog.epoch)
-            t0 = time.time()
-            bar = tqdm(total=nb, initial=prog.batch_in_epoch, desc=f"epoch {prog.epoch + 1}/{cfg.epochs}",
-                       unit="batch", disable=(not cfg.progress or not main) or None, leave=False)
-            for batch in _batches(cfg, model, train, gen, shuffle=True, start_batch=prog.batch_in_epoch,
-                                  only_labelled=labelled_only):
-                if prepare is not None:
-                    batch = prepare(batch, _batch_generator(data_seed, prog.epoch, prog.batch_in_epoch))
-                if arch.dropout:   # dropout masks from the global RNG, seeded per batch: resumable
-                    torch.manual_seed(_batch_generator(data_seed, prog.epoch, prog.batch_in_epoch).initial_seed())
-                gcount = (batch.labels >= 0).sum()
-                batch = _rank_slice(batch, rank, world, chunked)
-                n = (batch.labels >= 0).sum()
-                with ac:
-                    logits = fwd(_input(batch.x, ac_on))                 # (M, rows, pdfs)
-                loss_vec = objective(logits, batch)                     # (M,)
-                # DDP averages gradients over ranks: weight each rank by its share of the global batch.
-                scale = (n.double() * world / gcount.clamp(min=1)).to(loss_vec.dtype) if world > 1 else 1.0
-                loss = (loss_vec * active.to(loss_vec.dtype)).sum() * scale
-                opt.zero_grad()
-                loss.backward()
-                opt.step(active)
-                with torch.no_grad():
-                    acc_loss += loss_vec.detach().double() * n
-                    acc_correct += ((logits.detach().argmax(-1) == batch.labels) & (batch.labels >= 0)).sum(1).double()
-                    acc_count += n
-                prog.batch_in_epoch += 1
-                prog.step += 1
-                bar.update(1)
-                if cfg.checkpoint_every_steps and prog.step % cfg.checkpoint_every_steps == 0:
-                    epoch_seconds += time.time() - t0
-                    t0 = time.time()
-                    save_state()
-                if step_callback is not None:
-                    step_callback(prog.step, model)
-                if cfg.max_steps and prog.step >= cfg.max_steps:
-                    stopped_by_max_steps = True
-                    break
-            bar.close()
-            epoch_seconds += time.time() - t0
-            if stopped_by_max_steps:
-                save_state()
-                log.info("stopped after max_steps=%d (rerun without it to resume)", cfg.max_steps)
-                break
-            _end_epoch(cfg, model, dev, objective, opt, best, prog, acc_loss, acc_correct, acc_count,
-                       epoch_seconds, names, writers, out_dir, main)
-            acc_loss.zero_()
-            acc_correct.zero_()
-            acc_count.zero_()
-            epoch_seconds = 0.0
-            save_state()
-    finally:
-        torch.use_deterministic_algorithms(det_prev)
-        for w in writers:
-            w.close()
-
-    if main:
-        params = list(model.parameters())
-        for m, (name, path) in enumerate(zip(names, model_paths)):
-            member = _member_with(model, m, best if prog.best_epoch[m] >= 0 else params)
-            summary = {
-                "name": name, "seed": seeds[m], "params": model.params_per_member,
-                "arch_preset": cfg.arch, "best_epoch": prog.best_epoch[m] + 1,
-                "best_dev_acc": prog.best_acc[m], "best_dev_loss": prog.best_loss[m],
-                "epochs_trained": len(prog.history[m]), "stop_reason": prog.stop_reason[m] or "max_epochs",
-                "data_order_seed": data_seed, "steps": prog.step, "complete": not stopped_by_max_steps,
-            }
-            save_model(member, path, {"train_config": config_to_dict(cfg), "summary": summary, **metas[m]})
-            atomic_write_json(out_dir / name / "summary.json", summary)
-        if not stopped_by_max_steps:
-            mark_done(state_dir, {"run": ident_hash, "members": names})
-            if not cfg.keep_train_state and state_path.is_file():
-                state_path.unlink()
-    if ddp:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return model_paths
-
-
-def _member_with(model: StackedModel, m: int, tensors: Sequence[torch.Tensor]) -> StackedModel:
-    """Member ``m`` of ``model`` with its weights taken from ``tensors`` (parallel to parameters())."""
-    one = model.member(m)
-    with torch.no_grad():
-        for p, src in zip(one.parameters(), tensors):
-            p.copy_(src[m: m + 1])
-    return one
-
-
-def _end_epoch(cfg: TrainConfig, model: StackedModel, dev: FrameData, objective: Objective,
-               opt: StackedOptimizer, best: list[torch.Tensor], prog: _Progress, acc_loss: torch.Tensor,
-               acc_correct: torch.Tensor, acc_count: torch.Tensor, seconds: float, names: Sequence[str],
-               writers: list[Any], out_dir: Path, main: bool) -> None:
-    """Score dev, log the epoch, keep best weights, apply newbob / early stopping per member."""
-    rank, world = _dist()
-    if world > 1:
-        import torch.distributed as dist
-
-        for t in (acc_loss, acc_correct, acc_count):
-            dist.all_reduce(t)
-    dev_loss, dev_acc, _ = evaluate(model, dev, cfg, objective)
-    c = max(float(acc_count), 1.0)
-    tr_loss = (acc_loss / c).cpu().tolist()
-    tr_acc = (acc_correct / c).cpu().tolist()
-    lrs = opt.lr.cpu().tolist()
-    params = list(model.parameters())
-    new_lr = list(lrs)
-    for m in range(model.num_members):
-        if not prog.active[m]:
-            continue
-        acc, loss = float(dev_acc[m]), float(dev_loss[m])
-        impr = acc - prog.best_acc[m] if prog.best_epoch[m] >= 0 else math.inf
-        row = {"epoch": prog.epoch + 1, "lr": lrs[m], "train_loss": tr_loss[m], "train_acc": tr_acc[m],
-               "dev_loss": loss, "dev_acc": acc, "active": 1, "seconds": round(seconds, 2)}
-        prog.history[m].append(row)
-        if impr > 0:
-            prog.best_acc[m], prog.best_loss[m], prog.best_epoch[m] = acc, loss, prog.epoch
-            prog.bad_epochs[m] = 0
-            with torch.no_grad():
-                for b, p in zip(best, params):
-                    b[m].copy_(p[m])
-        else:
-            prog.bad_epochs[m] += 1
-        if cfg.lr_schedule == "newbob":
-            if prog.halving[m] and impr < cfg.newbob_end:
-                prog.active[m], prog.stop_reason[m] = False, "newbob"
-            elif prog.halving[m] or impr < cfg.newbob_start:
-                prog.halving[m] = True
-                new_lr[m] = lrs[m] * cfg.newbob_factor
-        if prog.active[m] and prog.bad_epochs[m] >= cfg.patience:
-            prog.active[m], prog.stop_reason[m] = False, "early_stopping"
-        if not prog.active[m]:
-            row["active"] = 0
-        log.info("%s epoch %d: lr %.3g train loss %.4f acc %.4f | dev loss %.4f acc %.4f%s", names[m],
-                 prog.epoch + 1, lrs[m], tr_loss[m], tr_acc[m], loss, acc,
-                 "" if prog.active[m] else f" (stopped: {prog.stop_reason[m]})")
-        if main:
-            (out_dir / names[m]).mkdir(parents=True, exist_ok=True)
-            _write_member_log(out_dir / names[m] / "train_log.csv", prog.history[m])
-            if writers:
-                w = writers[m]
-                for k in ("train_loss", "train_acc", "dev_loss", "dev_acc", "lr"):
-                    w.add_scalar(k.replace("_", "/", 1) if k != "lr" else "lr", row[k], prog.epoch + 1)
-                w.flush()
-    opt.lr.copy_(torch.tensor(new_lr, dtype=torch.float64))
-    prog.epoch += 1
-    prog.batch_in_epoch = 0
+    run = _plan_run(cfg, train, dev, out_dir, seeds, objective, member_names, extra_meta, state_dir, data_parallel)
+    if is_done(run.state_dir) and read_json(run.state_dir / ".done").get("run") == run.ident_hash \
+            and all(p.is_file() for p in run.model_paths):
+        log.info("%s: already trained (%d member(s)); skipping", run.state_dir, len(run.seeds))
+        return run.model_paths
+    train = train if train.device == run.device else train.to(run.device)
+    dev = dev if dev.device == run.device else dev.to(run.device)
+    state = _new_state(run, train)
+    _resume(run, state)
+    if run.shard.main:
+        run.state_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, run.state_dir)
+    fwd = _wrap_ddp(state.model, run.shard, run.device)
+    with _deterministic(run.device), _EpochLog(run) as elog:
+        complete = _train_epochs(run, state, fwd, train, dev, objective, elog, step_callback)
+    if run.shard.main:
+        _export_members(run, state, complete)
+        if complete:
+            mark_done(run.state_dir, {"run": run.ident_hash, "members": run.names})
+            if not cfg.keep_train_state and run.state_path.is_file():
+                run.state_path.unlink()
+    run.shard.barrier()
+    return run.model_paths
 
 
 # --------------------------------------------------------------------------------------------
@@ -824,6 +1017,37 @@ def _init_distributed(device: str) -> tuple[int, int, str]:
     return rank, world, device
 
 
+def _member_groups(seeds: Sequence[int], cfg: TrainConfig, sequential: bool) -> tuple[list[list[int]], bool | None]:
+    """The stacks this rank trains, and ``train_stack``'s ``data_parallel`` for them.
+
+    ``parallel=members`` under torch.distributed: rank r takes seeds r, r + world, ... (a rank may
+    get none) and trains them on its own; otherwise every rank takes part in every stack (DDP).
+    """
+    rank, world = _dist()
+    if world > 1 and cfg.parallel == "members":
+        mine = list(seeds[rank::world])
+        return ([[s] for s in mine] if sequential else ([mine] if mine else [])), False
+    return ([[s] for s in seeds] if sequential else [list(seeds)]), None
+
+
+def train_seeds(cfg: TrainConfig, train: FrameData, dev: FrameData, out_dir: str | os.PathLike,
+                sequential: bool = False) -> list[Path]:
+    """Train seeds ``first_seed .. first_seed + members - 1`` on sets already in memory into
+    ``out_dir/seed<i>/`` (this rank's share of them under torch.distributed); returns every
+    member's model path once all ranks are done."""
+    out_dir = Path(out_dir)
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.members))
+    rank, world = _dist()
+    groups, dp = _member_groups(seeds, cfg, sequential)
+    for group in groups:
+        # Run-level files (config, train_state.pt, .done) of each stack live under runs/.
+        run = f"seed{group[0]}" if sequential else (f"rank{rank}" if dp is False else "stack")
+        train_stack(cfg, train, dev, out_dir, group, member_names=[f"seed{s}" for s in group],
+                    state_dir=out_dir / "runs" / run, data_parallel=dp)
+    Shard(rank, world).barrier()
+    return [out_dir / f"seed{s}" / "model.pt" for s in seeds]
+
+
 def train_members(cfg: TrainConfig, feats_dir: str | os.PathLike, ali_dir: str | os.PathLike,
                   dev_feats_dir: str | os.PathLike, dev_ali_dir: str | os.PathLike,
                   out_dir: str | os.PathLike, sequential: bool = False) -> list[Path]:
@@ -844,24 +1068,7 @@ def train_members(cfg: TrainConfig, feats_dir: str | os.PathLike, ali_dir: str |
     dev = FrameData.from_dirs(dev_feats_dir, dev_ali_dir, cmvn=cfg.cmvn, device=device, dtype=feats_dtype)
     log.info("train: %d frames (%d labelled), dev: %d frames (%d labelled), %s pdfs",
              train.num_frames, train.num_labelled, dev.num_frames, dev.num_labelled, train.num_pdfs)
-    if world > 1 and cfg.parallel == "members":
-        mine = seeds[rank::world]
-        groups = [[s] for s in mine] if sequential else ([mine] if mine else [])
-        dp: bool | None = False
-    else:
-        groups = [[s] for s in seeds] if sequential else [seeds]
-        dp = None
-    paths: dict[int, Path] = {}
-    for group in groups:
-        # Run-level files (config, train_state.pt, .done) of each stack live under runs/.
-        run = f"seed{group[0]}" if sequential else (f"rank{rank}" if dp is False else "stack")
-        got = train_stack(cfg, train, dev, out_dir, group, member_names=[f"seed{s}" for s in group],
-                          state_dir=out_dir / "runs" / run, data_parallel=dp)
-        paths.update(zip(group, got))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    train_seeds(cfg, train, dev, out_dir, sequential)
     if rank == 0:
         write_config(cfg, out_dir)
         rows = [read_json(out_dir / n / "summary.json") for n in names]

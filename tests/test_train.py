@@ -18,7 +18,7 @@ import torch
 from asr.frames import FrameBatch, FrameData
 from asr.models import load_model
 from asr.train import (CrossEntropyObjective, StackedOptimizer, TrainConfig, TrainError, add_cli,
-                       compute_log_posteriors, save_posteriors, train_stack)
+                       compute_log_posteriors, evaluate, save_posteriors, train_seeds, train_stack)
 
 torch.set_num_threads(1)
 
@@ -170,6 +170,26 @@ def test_resume_after_kill_mid_epoch_gives_same_weights(tmp_path, dropout):
         train_stack(dataclasses.replace(cfg, lr=1e-2), TRAIN, DEV, tmp_path / "other", [1, 2])
 
 
+class _MarkedEvalObjective(CrossEntropyObjective):
+    """Cross-entropy for training; for dev a criterion that marks itself (loss 7 for every member)."""
+
+    def for_evaluation(self):
+        return lambda logits, batch: torch.full((logits.shape[0],), 7.0)
+
+
+def test_dev_is_scored_with_the_objectives_evaluation_criterion(tmp_path):
+    """The objective says what dev needs (``for_evaluation``); the global grad mode plays no part."""
+    paths = train_stack(dataclasses.replace(CFG, epochs=1), TRAIN, DEV, tmp_path, [1], objective=_MarkedEvalObjective())
+    rows = list(csv.DictReader(open(paths[0].parent / "train_log.csv")))
+    assert float(rows[0]["dev_loss"]) == 7.0 and float(rows[0]["train_loss"]) != 7.0
+    model = load_model(paths[0])[0]
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            loss, acc, n = evaluate(model, DEV, CFG, _MarkedEvalObjective())
+        assert loss.tolist() == [7.0] and n == DEV.num_labelled
+        assert abs(float(acc[0]) - float(rows[0]["dev_acc"])) < 1e-6
+
+
 def test_newbob_halves_then_stops_members(tmp_path):
     cfg = dataclasses.replace(CFG, epochs=6, lr_schedule="newbob", newbob_start=1.0, newbob_end=1.0)
     paths = train_stack(cfg, TRAIN, DEV, tmp_path, [1, 2])
@@ -190,34 +210,83 @@ def test_tdnn_chunk_training_runs(tmp_path):
         train_stack(dataclasses.replace(CFG, chunk_len=8), TRAIN, DEV, tmp_path / "x", [1])
 
 
+DDP_CFG = dataclasses.replace(CFG, epochs=2, data_order_seed=3)
+DDP_TIMEOUT_S = 240       # two spawned interpreters take ~20-60 s on 2 busy cores; a hang fails here
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """Both modes in one process group: DDP over a stack of 2, then 3 members shared over 2 ranks."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         store, cb = _last_weights()
-        cfg = dataclasses.replace(CFG, epochs=1, max_steps=12, data_order_seed=3)
-        train_stack(cfg, TRAIN, DEV, os.path.join(out, "run"), [1, 2], step_callback=cb)
+        train_stack(DDP_CFG, TRAIN, DEV, os.path.join(out, "data"), [1, 2], step_callback=cb)
         torch.save(store["w"], os.path.join(out, f"rank{rank}.pt"))
+        train_seeds(dataclasses.replace(DDP_CFG, parallel="members", members=3), TRAIN, DEV,
+                    os.path.join(out, "members"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # two spawned interpreters: ~20 s on 2 busy cores
-def test_ddp_two_processes_gloo_matches_single_process(tmp_path):
+def _spawn(fn, nprocs: int, args: tuple, timeout_s: float) -> None:
+    """``torch.multiprocessing`` spawn that fails (and ends its processes) instead of hanging."""
+    import time
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    ctx = mp.start_processes(fn, args=(nprocs, *args), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"DDP workers still running after {timeout_s} s (a collective hangs?)")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    _spawn(_ddp_worker, 2, (str(out / "init"), str(out)), DDP_TIMEOUT_S)
+    return out
+
+
+def _dev_acc(path: Path) -> float:
+    return float(evaluate(load_model(path)[0], DEV, DDP_CFG)[1][0])
+
+
+@pytest.mark.slow  # two spawned interpreters
+def test_ddp_data_parallel_two_epochs_matches_single_process(ddp_runs, tmp_path):
+    w0 = torch.load(ddp_runs / "rank0.pt", weights_only=True)
+    w1 = torch.load(ddp_runs / "rank1.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)       # ranks in lock-step
     store, cb = _last_weights()
-    train_stack(dataclasses.replace(CFG, epochs=1, max_steps=12, data_order_seed=3), TRAIN, DEV,
-                tmp_path / "single", [1, 2], step_callback=cb)
-    assert store["step"] == 12
+    single = train_stack(DDP_CFG, TRAIN, DEV, tmp_path / "single", [1, 2], step_callback=cb)
     for k in w0:                                           # the same optimisation as one process
         torch.testing.assert_close(w0[k], store["w"][k], rtol=1e-4, atol=1e-5)
+    frame = 1.0 / DEV.num_labelled
+    for name, one in zip(("seed1", "seed2"), single):
+        rows = list(csv.DictReader(open(ddp_runs / "data" / name / "train_log.csv")))
+        ref = list(csv.DictReader(open(one.parent / "train_log.csv")))
+        assert [int(r["epoch"]) for r in rows] == [1, 2]
+        for r, q in zip(rows, ref):                        # dev scored on all of dev (halves all-reduced)
+            assert abs(float(r["dev_acc"]) - float(q["dev_acc"])) <= frame + 1e-6
+        s = json.loads((ddp_runs / "data" / name / "summary.json").read_text())
+        assert abs(s["best_dev_acc"] - _dev_acc(ddp_runs / "data" / name / "model.pt")) <= frame + 1e-6
+
+
+@pytest.mark.slow  # two spawned interpreters
+def test_ddp_parallel_members_unequal_ranks_each_scored_on_all_of_dev(ddp_runs):
+    """3 members over 2 ranks (rank 0: seeds 1 and 3, rank 1: seed 2) finish both epochs, and each
+    member's dev accuracy is its own model's on the whole dev set, not a mix of ranks' halves."""
+    for seed, rank in ((1, 0), (2, 1), (3, 0)):
+        d = ddp_runs / "members" / f"seed{seed}"
+        s = json.loads((d / "summary.json").read_text())
+        assert s["complete"] and s["epochs_trained"] == 2 and s["seed"] == seed
+        assert abs(s["best_dev_acc"] - _dev_acc(d / "model.pt")) < 1e-6
+        assert (ddp_runs / "members" / "runs" / f"rank{rank}" / ".done").is_file()
 
 
 class _FakeStore:
