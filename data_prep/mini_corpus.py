@@ -471,7 +471,7 @@ def plan_corpus(cfg: MiniCorpusConfig, lexicon: set[str] | None = None) -> Corpu
     for si in (1, 2, 3, 0):
         subset = SUBSETS[si]
         k = n_spk[si]
-        quotas = [sizes[si] // k + (1 if j < sizes[si] % k else 0) for j in range(k)]
+        quotas = _even_split(sizes[si], k)
         first = sum(n_spk[:si])
         taken = oov_taken = 0
         for j in range(k):
@@ -506,6 +506,11 @@ def plan_corpus(cfg: MiniCorpusConfig, lexicon: set[str] | None = None) -> Corpu
     return CorpusPlan(tuple(speakers), tuple(utts), frozenset(eval_chapters))
 
 
+def _even_split(total: int, k: int) -> list[int]:
+    """``total`` utterances over ``k`` speakers as evenly as possible, the first ones one more."""
+    return [total // k + (1 if j < total % k else 0) for j in range(k)]
+
+
 def _plan_transfer(cfg: MiniCorpusConfig, chapters: Sequence[Chapter], used_ids: set[int], first_index: int,
                    lexicon: set[str], speakers: list[SpeakerSpec], utts: list[UttSpec]) -> None:
     """Add the transfer subset: ``transfer_speakers`` new training-like speakers (drawn from their
@@ -515,7 +520,7 @@ def _plan_transfer(cfg: MiniCorpusConfig, chapters: Sequence[Chapter], used_ids:
     free = np.array(sorted(set(range(100, 10000)) - used_ids))
     k = min(cfg.transfer_speakers, cfg.transfer_utts)
     ids = rng.choice(free, size=k, replace=False).tolist()
-    quotas = [cfg.transfer_utts // k + (1 if j < cfg.transfer_utts % k else 0) for j in range(k)]
+    quotas = _even_split(cfg.transfer_utts, k)
     it = iter(chapters)
     for j in range(k):
         index = first_index + j
