@@ -603,11 +603,8 @@ def _diagnostics_md(results: dict) -> list[str]:
     return L + [""]
 
 
-def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Path] = (),
-                     command: str | None = None) -> Path:
-    """Write RESULTS.md from a results dict (see :func:`build_results`)."""
-    path = Path(path)
-    sets = results["sets"]
+def _header_md(results: dict, path: Path, command: str | None) -> list[str]:
+    """Title, the command that made the file, the paper's figures, and which student is reported."""
     L: list[str] = [f"# Results: {results['corpus']}", ""]
     L.append(f"Made by `{command or 'asr report --exp-dir ' + str(path.parent)}` from the decode, distill "
              "and training outputs beside this file (numbers in `results.json`). Frame accuracy and WER in "
@@ -621,37 +618,49 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
               f"{'; '.join(results['incomplete'])}.**", ""]
     L.append(f"Reported distilled model: {results['distilled_choice_reason']}.")
     L.append("")
-    for s in sets:
-        rows = _paper_rows(results, s)
-        if not rows:
-            continue
-        L += [f"## {s}", "", "| System | Frame acc. (%) | WER (%) |", "|---|---|---|"]
-        L += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-        L.append("")
-        g = results["gain_kept"].get(s, {})
-        fa_kept = "n/a" if g.get("frame_acc") is None else f"{100 * g['frame_acc']:.0f}%"
-        wer_kept = "n/a" if g.get("wer") is None else f"{100 * g['wer']:.0f}%"
-        L.append(f"Share of the ensemble's gain kept by the distilled model, (distilled - baseline) / "
-                 f"(ensemble - baseline): frame accuracy {fa_kept}, WER {wer_kept}.")
-        L.append("")
-        L += [f"- {v}" for v in _verdicts(results, s)]
-        L.append("")
+    return L
 
-    if results["significance"]:
-        L += ["## Paired bootstrap (WER difference B - A, 95% CI)", "",
-              f"Utterances resampled with replacement, {results['bootstrap']['num_samples']} samples, seed "
-              f"{results['bootstrap']['seed']}. \"Baseline\" here is one real system: the member with the median "
-              "WER on that set (lower median for an even count), because a paired test needs the same "
-              "system's errors on every utterance; pooling members would test an average that no single model "
-              "achieves. Negative delta: B has fewer errors.", "",
-              "| Set | A | B | delta WER | 95% CI | p |", "|---|---|---|---|---|---|"]
-        for sig in results["significance"]:
-            L.append(f"| {sig['set']} | {sig['a']} | {sig['b']} | {sig['delta']:+.2f} | "
-                     f"[{sig['ci_low']:+.2f}, {sig['ci_high']:+.2f}] | {sig['p_value']:.3f} |")
-        L.append("")
 
-    L += _ablation_md(results) + _diagnostics_md(results)
-    L += ["## All systems", ""]
+def _set_md(results: dict, s: str) -> list[str]:
+    """One set's paper-style table, the share of the ensemble's gain kept, and the verdicts."""
+    rows = _paper_rows(results, s)
+    if not rows:
+        return []
+    L = [f"## {s}", "", "| System | Frame acc. (%) | WER (%) |", "|---|---|---|"]
+    L += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    L.append("")
+    g = results["gain_kept"].get(s, {})
+    fa_kept = "n/a" if g.get("frame_acc") is None else f"{100 * g['frame_acc']:.0f}%"
+    wer_kept = "n/a" if g.get("wer") is None else f"{100 * g['wer']:.0f}%"
+    L.append(f"Share of the ensemble's gain kept by the distilled model, (distilled - baseline) / "
+             f"(ensemble - baseline): frame accuracy {fa_kept}, WER {wer_kept}.")
+    L.append("")
+    L += [f"- {v}" for v in _verdicts(results, s)]
+    L.append("")
+    return L
+
+
+def _significance_md(results: dict) -> list[str]:
+    """The paired bootstrap table, and why its baseline is the median member rather than the mean."""
+    if not results["significance"]:
+        return []
+    L = ["## Paired bootstrap (WER difference B - A, 95% CI)", "",
+         f"Utterances resampled with replacement, {results['bootstrap']['num_samples']} samples, seed "
+         f"{results['bootstrap']['seed']}. \"Baseline\" here is one real system: the member with the median "
+         "WER on that set (lower median for an even count), because a paired test needs the same "
+         "system's errors on every utterance; pooling members would test an average that no single model "
+         "achieves. Negative delta: B has fewer errors.", "",
+         "| Set | A | B | delta WER | 95% CI | p |", "|---|---|---|---|---|---|"]
+    for sig in results["significance"]:
+        L.append(f"| {sig['set']} | {sig['a']} | {sig['b']} | {sig['delta']:+.2f} | "
+                 f"[{sig['ci_low']:+.2f}, {sig['ci_high']:+.2f}] | {sig['p_value']:.3f} |")
+    L.append("")
+    return L
+
+
+def _all_systems_md(results: dict, sets: Sequence[str]) -> list[str]:
+    """Every system on every set (the member mean with its standard deviation)."""
+    L = ["## All systems", ""]
     head = "| System | Kind | Params | " + " | ".join(f"{s} FA | {s} WER" for s in sets) + " |"
     L += [head, "|" + "---|" * (3 + 2 * len(sets))]
     for r in results["systems"]:
@@ -665,8 +674,13 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
         params = r.get("params")
         L.append(f"| {r['name']} | {r['kind']} | {params if params is not None else 'n/a'} | " + " | ".join(cells) + " |")
     L.append("")
+    return L
 
-    L += ["## Chosen settings", ""]
+
+def _settings_md(results: dict) -> list[str]:
+    """The decoding weights tuned on dev and the distillation temperature chosen, so that every
+    figure above can be traced to the settings that produced it."""
+    L = ["## Chosen settings", ""]
     if results["tuning"]:
         L += ["Decoding weights tuned on dev by the decode stage (`decode/<system>/tune.json`):", "",
               "| System | acwt | LM weight | word insertion penalty |", "|---|---|---|---|"]
@@ -687,6 +701,21 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
             L += ["| T | dev frame acc. (%) |", "|---|---|"]
             L += [f"| {t} | {_f(_num(v))} |" for t, v in per_t.items()]
         L.append("")
+    return L
+
+
+def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Path] = (),
+                     command: str | None = None) -> Path:
+    """Write RESULTS.md from a results dict (see :func:`build_results`): one section after another."""
+    path = Path(path)
+    sets = results["sets"]
+    L = _header_md(results, path, command)
+    for s in sets:
+        L += _set_md(results, s)
+    L += _significance_md(results)
+    L += _ablation_md(results) + _diagnostics_md(results)
+    L += _all_systems_md(results, sets)
+    L += _settings_md(results)
     L += data_checks_md(results.get("data_checks"))
     if plots:
         L += ["## Plots", ""]
