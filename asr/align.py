@@ -379,13 +379,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nj", type=int, default=1, help="worker processes")
 
 
+def _add_required_paths(p: argparse.ArgumentParser, *flags: str) -> None:
+    """The GMM steps' input and output folders (``--feats-dir``, ``--lang-dir`` ...), each required."""
+    for flag in flags:
+        p.add_argument(flag, required=True)
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("align", help="forced alignment -> frame labels (ali/<set>/)")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--lang-dir", required=True)
-    p.add_argument("--feats-dir", required=True)
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--out-dir", required=True)
+    _add_required_paths(p, "--model-dir", "--lang-dir", "--feats-dir", "--manifest", "--out-dir")
     p.add_argument("--train-labels", action="store_true", help="training set: also write priors.npy")
     _add_config_args(p)
     p.set_defaults(func=_cli_align)
