@@ -65,7 +65,6 @@ __all__ = [
     "train_members",
     "Shard",
     "evaluate",
-    "uses_bf16",
     "features_dtype",
     "add_cli",
 ]
