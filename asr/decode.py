@@ -719,6 +719,25 @@ def _replace_dir(new: Path, final: Path) -> None:
         shutil.rmtree(stale)
 
 
+def _is_current(set_dir: Path, fingerprint: str) -> bool:
+    """Whether ``set_dir`` holds a complete score of exactly these inputs (its ``inputs.sha1``)."""
+    stamp = set_dir / "inputs.sha1"
+    return is_done(set_dir) and (set_dir / "wer.json").is_file() and stamp.is_file() \
+        and stamp.read_text().strip() == fingerprint
+
+
+def _reference_labels(system: System, paths: SetPaths, scores: _Scores) -> np.ndarray | None:
+    """The set's reference frame labels for frame accuracy (None without an alignment); they must
+    count the pdfs the system scores, or the accuracy would compare different label sets."""
+    if paths.ali_dir is None:
+        return None
+    ref = LabelStore(paths.ali_dir)
+    if ref.num_pdfs != scores.frame_scores.shape[1]:
+        raise SystemDirError(f"{system.name} scores {scores.frame_scores.shape[1]} pdfs, the reference "
+                             f"alignment {paths.ali_dir} has {ref.num_pdfs} (use --ali-root of its labels)")
+    return ref.labels
+
+
 def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph_dir: str | os.PathLike,
                   lang_dir: str | os.PathLike, out_root: str | os.PathLike, cfg: DecodeConfig = DecodeConfig(),
                   priors: str | os.PathLike | None = None, tune_set: SetPaths | None = None,
@@ -747,9 +766,7 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
         set_dir = out_dir / paths.name
         used_priors = posterior_prior_path(system) if prior_kind == "posterior" else (Path(priors) if priors else None)
         fingerprint = _set_fingerprint(system, paths, graph_dir, used_priors, cfg)
-        stamp = set_dir / "inputs.sha1"
-        if is_done(set_dir) and (set_dir / "wer.json").is_file() and stamp.is_file() \
-                and stamp.read_text().strip() == fingerprint:
+        if _is_current(set_dir, fingerprint):
             log.info("%s/%s already scored; skipping", system.name, paths.name)
             results[paths.name] = read_json(set_dir / "wer.json")
             continue
@@ -765,13 +782,7 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
             res = tuned                 # tuning already decoded this set at the chosen acwt
         else:
             res = decode_many(graph_dir, lang_dir, scores.loglikes, cfg, nj=nj, utt_ids=scores.store.ids)
-        labels = None
-        if paths.ali_dir is not None:
-            ref = LabelStore(paths.ali_dir)
-            if ref.num_pdfs != scores.frame_scores.shape[1]:
-                raise SystemDirError(f"{system.name} scores {scores.frame_scores.shape[1]} pdfs, the reference "
-                                     f"alignment {paths.ali_dir} has {ref.num_pdfs} (use --ali-root of its labels)")
-            labels = ref.labels
+        labels = _reference_labels(system, paths, scores)
         results[paths.name] = score_decode(
             new_dir, refs, {u: r.text for u, r in res.items()},
             log_post=scores.frame_scores if labels is not None else None, labels=labels,
