@@ -260,6 +260,64 @@ def _transcripts(manifest_path: Path, source: GmmFeatureSource, lang: Lang) -> t
     return texts, failed, stats
 
 
+def _alignment_config(cfg: GmmConfig | None, model: GmmModel, model_file: Path) -> GmmConfig:
+    """The config to align with: the model's own training config, or ``cfg`` if its feature settings
+    are the model's (features computed otherwise would not fit the Gaussians)."""
+    mcfg = _model_config(model)
+    if cfg is None:
+        return mcfg
+    changed = [f for f in _FEATURE_FIELDS if getattr(cfg, f) != getattr(mcfg, f)]
+    if changed:
+        raise GmmError(f"feature settings {changed} differ from those of model {model_file}")
+    return cfg
+
+
+def _check_model_fits_lang(model: GmmModel, tm: object, model_file: Path, lang: Lang, lang_dir: Path) -> None:
+    """A monophone model must have the lang's pdfs, and any model its phone set."""
+    if model.tree is None and lang.num_pdfs != model.num_pdfs:
+        raise GmmError(f"model {model_file} has {model.num_pdfs} pdfs, lang {lang_dir} has {lang.num_pdfs}")
+    if sorted(tm.phones) != lang.real_phone_ids:
+        raise GmmError(f"model {model_file} and lang {lang_dir} have different phone sets")
+
+
+def _frame_labels(alis: dict[str, np.ndarray], store: object, tid2pdf: np.ndarray,
+                  sil_pdfs: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Pdf label of every frame of the set in store order (-1 where an utterance failed), and how
+    many alignments start and end in silence (a check that the silence model works)."""
+    labels = np.full(store.num_frames_total, -1, np.int32)
+    pos = {u: k for k, u in enumerate(store.ids)}
+    last_sil = first_sil = 0
+    for u, ali in alis.items():
+        k = pos[u]
+        off, n = int(store.offsets[k]), int(store.lengths[k])
+        if len(ali) != n:  # checked in the worker too; a mismatch here is a bug, never a silent shift
+            raise GmmError(f"{u}: alignment has {len(ali)} frames, features have {n}")
+        pdfs = tid2pdf[ali]
+        labels[off:off + n] = pdfs
+        first_sil += int(pdfs[0] in sil_pdfs)
+        last_sil += int(pdfs[-1] in sil_pdfs)
+    return labels, first_sil, last_sil
+
+
+def _alignment_info(res: dict, labels: np.ndarray, first_sil: int, last_sil: int, opt_sil_pdfs: np.ndarray,
+                    oov: dict, model_file: Path, t0: float) -> dict:
+    """``info.json`` of an alignment: likelihood, silence shares, retries, OOVs, model, time."""
+    aligned = labels[labels >= 0]
+    num_aligned = len(res["alis"])
+    total_like = sum(res["likes"].values())
+    return {
+        "num_aligned": num_aligned,
+        "avg_loglike": round(total_like / max(aligned.size, 1), 4),
+        "silence_share": round(float(np.isin(aligned, opt_sil_pdfs).mean()) if aligned.size else 0.0, 4),
+        "first_frame_silence_share": round(first_sil / max(num_aligned, 1), 4),
+        "last_frame_silence_share": round(last_sil / max(num_aligned, 1), 4),
+        "num_retried": res["retried"],
+        **oov,
+        "model": str(model_file.resolve()),
+        "seconds": round(time.time() - t0, 2),
+    }
+
+
 def align(
     model_dir: str | os.PathLike,
     lang_dir: str | os.PathLike,
@@ -280,19 +338,10 @@ def align(
     manifest_path = Path(manifest_path)
     model_file = _model_path(model_dir)
     model = GmmModel.load(model_file)
-    mcfg = _model_config(model)
-    if cfg is None:
-        cfg = mcfg
-    else:
-        changed = [f for f in _FEATURE_FIELDS if getattr(cfg, f) != getattr(mcfg, f)]
-        if changed:
-            raise GmmError(f"feature settings {changed} differ from those of model {model_file}")
+    cfg = _alignment_config(cfg, model, model_file)
     lang = load_lang(lang_dir)
     tm = model.transition_model()
-    if model.tree is None and lang.num_pdfs != model.num_pdfs:
-        raise GmmError(f"model {model_file} has {model.num_pdfs} pdfs, lang {lang_dir} has {lang.num_pdfs}")
-    if sorted(tm.phones) != lang.real_phone_ids:
-        raise GmmError(f"model {model_file} and lang {lang_dir} have different phone sets")
+    _check_model_fits_lang(model, tm, model_file, lang, lang_dir)
     (out_dir / ".done").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out_dir)
@@ -307,40 +356,16 @@ def align(
 
     store = source.store
     tid2pdf, pdf2phone = transition_tables(tm)
-    labels = np.full(store.num_frames_total, -1, np.int32)
-    pos = {u: k for k, u in enumerate(store.ids)}
     sil_pdfs = np.nonzero(np.isin(pdf2phone, lang.silence_phone_ids))[0]
     opt_sil_pdfs = np.nonzero(pdf2phone == lang.optional_silence_id)[0]
-    last_sil = first_sil = 0
-    for u, ali in res["alis"].items():
-        k = pos[u]
-        off, n = int(store.offsets[k]), int(store.lengths[k])
-        if len(ali) != n:  # checked in the worker too; a mismatch here is a bug, never a silent shift
-            raise GmmError(f"{u}: alignment has {len(ali)} frames, features have {n}")
-        pdfs = tid2pdf[ali]
-        labels[off:off + n] = pdfs
-        first_sil += int(pdfs[0] in sil_pdfs)
-        last_sil += int(pdfs[-1] in sil_pdfs)
-    aligned = labels[labels >= 0]
-    num_aligned = len(res["alis"])
-    total_like = sum(res["likes"].values())
-    info = {
-        "num_aligned": num_aligned,
-        "avg_loglike": round(total_like / max(aligned.size, 1), 4),
-        "silence_share": round(float(np.isin(aligned, opt_sil_pdfs).mean()) if aligned.size else 0.0, 4),
-        "first_frame_silence_share": round(first_sil / max(num_aligned, 1), 4),
-        "last_frame_silence_share": round(last_sil / max(num_aligned, 1), 4),
-        "num_retried": res["retried"],
-        **oov,
-        "model": str(model_file.resolve()),
-        "seconds": round(time.time() - t0, 2),
-    }
+    labels, first_sil, last_sil = _frame_labels(res["alis"], store, tid2pdf, sil_pdfs)
+    info = _alignment_info(res, labels, first_sil, last_sil, opt_sil_pdfs, oov, model_file, t0)
     write_labels(out_dir, labels, failed, model.num_pdfs, len(store.ids),
                  priors_floor=cfg.prior_floor if train_labels else None, extra_info=info)
     if failed:
         log.warning("%s: %d utterance(s) left out, listed in %s", out_dir, len(failed), out_dir / "failed.txt")
-    log.info("%s: %d utterances aligned, %d failed, silence share %.3f, %.1fs", out_dir, num_aligned, len(failed),
-             info["silence_share"], info["seconds"])
+    log.info("%s: %d utterances aligned, %d failed, silence share %.3f, %.1fs", out_dir, info["num_aligned"],
+             len(failed), info["silence_share"], info["seconds"])
     mark_done(out_dir)
     return out_dir
 
@@ -354,13 +379,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nj", type=int, default=1, help="worker processes")
 
 
+def _add_required_paths(p: argparse.ArgumentParser, *flags: str) -> None:
+    """The GMM steps' input and output folders (``--feats-dir``, ``--lang-dir`` ...), each required."""
+    for flag in flags:
+        p.add_argument(flag, required=True)
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("align", help="forced alignment -> frame labels (ali/<set>/)")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--lang-dir", required=True)
-    p.add_argument("--feats-dir", required=True)
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--out-dir", required=True)
+    _add_required_paths(p, "--model-dir", "--lang-dir", "--feats-dir", "--manifest", "--out-dir")
     p.add_argument("--train-labels", action="store_true", help="training set: also write priors.npy")
     _add_config_args(p)
     p.set_defaults(func=_cli_align)

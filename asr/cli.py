@@ -28,7 +28,7 @@ COMMANDS = {
     "build-tree": "asr.tree",
     "train-tri": "asr.tri",
     "train-members": "asr.train",
-    "posteriors": "asr.train",
+    "posteriors": "asr.posteriors",
     "ensemble": "asr.ensemble",
     "soft-targets": "asr.distill",
     "distill": "asr.distill",

@@ -423,6 +423,70 @@ def decode_many(
     return out
 
 
+def _tune_data(items: Items, refs: Mapping[str, str]) -> tuple[list, dict[str, str]]:
+    """The dev set's ``(utt, loglikes)``, materialised once for every grid point, and its references;
+    an empty set or an utterance without a reference is an error."""
+    data = list(items)
+    if not data:
+        raise DecodeError("tune_acwt: no utterances to tune on")
+    ids = [u for u, _ in data]
+    missing = [u for u in ids if u not in refs]
+    if missing:
+        raise DecodeError(f"tune_acwt: no reference for {len(missing)} utterance(s), e.g. {missing[:3]}")
+    return data, {u: refs[u] for u in ids}
+
+
+class _GridSearch:
+    """Decodes the dev set at grid points ``(acwt, word_ins_penalty)`` and scores each: ``rows`` (one
+    per point, in the order tried) and ``hyps`` (the decoded results of each point)."""
+
+    def __init__(self, graph_dir: Path, lang_dir: Path, data: list, refs: dict[str, str], cfg: DecodeConfig,
+                 nj: int) -> None:
+        self.graph_dir, self.lang_dir, self.cfg, self.nj = graph_dir, lang_dir, cfg, nj
+        self.data, self.refs = data, refs
+        self.grid: list[tuple[float, float]] = []
+        self.hyps: dict[int, dict[str, DecodeResult]] = {}
+        self.rows: list[dict] = []
+
+    def run(self, points: list[tuple[float, float]]) -> None:
+        """Decode every utterance at every point (one pool for all of them), then score each point."""
+        from asr.scoring import compute_wer
+
+        first = len(self.grid)
+        self.grid.extend(points)
+        tasks = ((first + g, u, ll, a, w) for g, (a, w) in enumerate(points) for u, ll in self.data)
+        for g in range(first, len(self.grid)):
+            self.hyps[g] = {}
+        for g, utt, res, _ in _run_tasks(self.graph_dir, self.lang_dir, self.cfg, tasks, self.nj,
+                                         len(points) * len(self.data), "tune"):
+            self.hyps[g][utt] = res
+        for g in range(first, len(self.grid)):
+            a, w = self.grid[g]
+            r = compute_wer(self.refs, {u: res.text for u, res in self.hyps[g].items()})
+            self.rows.append({"acwt": a, "word_ins_penalty": w, "wer": r["wer"], "errors": r["errors"],
+                              "ins": r["ins"], "del": r["del"], "sub": r["sub"], "ref_words": r["ref_words"],
+                              "partial": sum(not res.reached_final for res in self.hyps[g].values())})
+            log.info("acwt %.4g wip %.3g: %%WER %.2f", a, w, r["wer"])
+
+    def best_row(self) -> dict:
+        """Lowest WER; ties go to the smaller acwt, then the smaller penalty."""
+        return min(self.rows, key=lambda r: (r["wer"], r["acwt"], r["word_ins_penalty"]))
+
+    def edge_point(self) -> float | None:
+        """The acwt one step beyond the grid's edge when the best acwt sits there and is strictly better
+        than its neighbour (the optimum may lie beyond it); None otherwise."""
+        b = self.best_row()
+        wer_at = {r["acwt"]: r["wer"] for r in self.rows if r["word_ins_penalty"] == b["word_ins_penalty"]}
+        xs = sorted(wer_at)
+        low = b["acwt"] == xs[0] and wer_at[xs[0]] < wer_at[xs[1]]
+        high = b["acwt"] == xs[-1] and wer_at[xs[-1]] < wer_at[xs[-2]]
+        if not (low or high):
+            return None
+        a = xs[0] * xs[0] / xs[1] if low else xs[-1] * xs[-1] / xs[-2]
+        log.info("best acwt %.4g is at the grid's %s edge: trying %.4g", b["acwt"], "lower" if low else "upper", a)
+        return a
+
+
 def tune_acwt(
     graph_dir: str | os.PathLike,
     lang_dir: str | os.PathLike,
@@ -446,62 +510,23 @@ def tune_acwt(
     grid, one more point beyond that edge is tried (the grid's outer ratio; at most ``max_widen``
     times), so a grid that was too narrow cannot hide the optimum. Never pass test data here.
     """
-    from asr.scoring import compute_wer
-
-    data = list(items)
-    if not data:
-        raise DecodeError("tune_acwt: no utterances to tune on")
-    ids = [u for u, _ in data]
-    missing = [u for u in ids if u not in refs]
-    if missing:
-        raise DecodeError(f"tune_acwt: no reference for {len(missing)} utterance(s), e.g. {missing[:3]}")
-    sub_refs = {u: refs[u] for u in ids}
-    grid: list[tuple[float, float]] = []
-    hyps: dict[int, dict[str, DecodeResult]] = {}
-    rows: list[dict] = []
+    data, sub_refs = _tune_data(items, refs)
     t0 = time.time()
-
-    def run(points: list[tuple[float, float]]) -> None:
-        first = len(grid)
-        grid.extend(points)
-        tasks = ((first + g, u, ll, a, w) for g, (a, w) in enumerate(points) for u, ll in data)
-        for g in range(first, len(grid)):
-            hyps[g] = {}
-        for g, utt, res, _ in _run_tasks(Path(graph_dir), Path(lang_dir), cfg, tasks, nj,
-                                         len(points) * len(data), "tune"):
-            hyps[g][utt] = res
-        for g in range(first, len(grid)):
-            a, w = grid[g]
-            r = compute_wer(sub_refs, {u: res.text for u, res in hyps[g].items()})
-            rows.append({"acwt": a, "word_ins_penalty": w, "wer": r["wer"], "errors": r["errors"],
-                         "ins": r["ins"], "del": r["del"], "sub": r["sub"], "ref_words": r["ref_words"],
-                         "partial": sum(not res.reached_final for res in hyps[g].values())})
-            log.info("acwt %.4g wip %.3g: %%WER %.2f", a, w, r["wer"])
-
-    def best_row() -> dict:
-        return min(rows, key=lambda r: (r["wer"], r["acwt"], r["word_ins_penalty"]))
-
-    run([(a, w) for w in word_ins_penalties for a in acwts])
+    search = _GridSearch(Path(graph_dir), Path(lang_dir), data, sub_refs, cfg, nj)
+    search.run([(a, w) for w in word_ins_penalties for a in acwts])
     for _ in range(max_widen if widen and len(acwts) > 1 else 0):
-        b = best_row()
-        wer_at = {r["acwt"]: r["wer"] for r in rows if r["word_ins_penalty"] == b["word_ins_penalty"]}
-        xs = sorted(wer_at)
-        # Only an edge strictly better than its neighbour says the optimum may lie beyond it.
-        low = b["acwt"] == xs[0] and wer_at[xs[0]] < wer_at[xs[1]]
-        high = b["acwt"] == xs[-1] and wer_at[xs[-1]] < wer_at[xs[-2]]
-        if not (low or high):
+        a = search.edge_point()
+        if a is None:
             break
-        a = xs[0] * xs[0] / xs[1] if low else xs[-1] * xs[-1] / xs[-2]
-        log.info("best acwt %.4g is at the grid's %s edge: trying %.4g", b["acwt"], "lower" if low else "upper", a)
-        run([(round(a, 6), b["word_ins_penalty"])])
-    best = best_row()
+        search.run([(round(a, 6), search.best_row()["word_ins_penalty"])])
+    best = search.best_row()
     result = {"acwt": best["acwt"], "word_ins_penalty": best["word_ins_penalty"], "lm_weight": 1.0 / best["acwt"],
               "wer": best["wer"], "utts": len(data), "seconds": round(time.time() - t0, 2),
-              "config": config_to_dict(cfg), "grid": rows}
+              "config": config_to_dict(cfg), "grid": search.rows}
     if out_path is not None:
         atomic_write_json(out_path, result)
-    best_g = rows.index(best)
-    result["best_results"] = hyps[best_g]   # not in tune.json: lets the caller skip decoding dev again
+    # not in tune.json: lets the caller skip decoding dev again
+    result["best_results"] = search.hyps[search.rows.index(best)]
     log.info("tuned on %d utterances: acwt %.4g (LM weight %.3g), word insertion penalty %.3g, %%WER %.2f -> %s",
              len(data), best["acwt"], 1.0 / best["acwt"], best["word_ins_penalty"], best["wer"], out_path)
     return result
@@ -694,6 +719,25 @@ def _replace_dir(new: Path, final: Path) -> None:
         shutil.rmtree(stale)
 
 
+def _is_current(set_dir: Path, fingerprint: str) -> bool:
+    """Whether ``set_dir`` holds a complete score of exactly these inputs (its ``inputs.sha1``)."""
+    stamp = set_dir / "inputs.sha1"
+    return is_done(set_dir) and (set_dir / "wer.json").is_file() and stamp.is_file() \
+        and stamp.read_text().strip() == fingerprint
+
+
+def _reference_labels(system: System, paths: SetPaths, scores: _Scores) -> np.ndarray | None:
+    """The set's reference frame labels for frame accuracy (None without an alignment); they must
+    count the pdfs the system scores, or the accuracy would compare different label sets."""
+    if paths.ali_dir is None:
+        return None
+    ref = LabelStore(paths.ali_dir)
+    if ref.num_pdfs != scores.frame_scores.shape[1]:
+        raise SystemDirError(f"{system.name} scores {scores.frame_scores.shape[1]} pdfs, the reference "
+                             f"alignment {paths.ali_dir} has {ref.num_pdfs} (use --ali-root of its labels)")
+    return ref.labels
+
+
 def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph_dir: str | os.PathLike,
                   lang_dir: str | os.PathLike, out_root: str | os.PathLike, cfg: DecodeConfig = DecodeConfig(),
                   priors: str | os.PathLike | None = None, tune_set: SetPaths | None = None,
@@ -722,9 +766,7 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
         set_dir = out_dir / paths.name
         used_priors = posterior_prior_path(system) if prior_kind == "posterior" else (Path(priors) if priors else None)
         fingerprint = _set_fingerprint(system, paths, graph_dir, used_priors, cfg)
-        stamp = set_dir / "inputs.sha1"
-        if is_done(set_dir) and (set_dir / "wer.json").is_file() and stamp.is_file() \
-                and stamp.read_text().strip() == fingerprint:
+        if _is_current(set_dir, fingerprint):
             log.info("%s/%s already scored; skipping", system.name, paths.name)
             results[paths.name] = read_json(set_dir / "wer.json")
             continue
@@ -740,13 +782,7 @@ def decode_system(system_dir: str | os.PathLike, sets: Sequence[SetPaths], graph
             res = tuned                 # tuning already decoded this set at the chosen acwt
         else:
             res = decode_many(graph_dir, lang_dir, scores.loglikes, cfg, nj=nj, utt_ids=scores.store.ids)
-        labels = None
-        if paths.ali_dir is not None:
-            ref = LabelStore(paths.ali_dir)
-            if ref.num_pdfs != scores.frame_scores.shape[1]:
-                raise SystemDirError(f"{system.name} scores {scores.frame_scores.shape[1]} pdfs, the reference "
-                                     f"alignment {paths.ali_dir} has {ref.num_pdfs} (use --ali-root of its labels)")
-            labels = ref.labels
+        labels = _reference_labels(system, paths, scores)
         results[paths.name] = score_decode(
             new_dir, refs, {u: r.text for u, r in res.items()},
             log_post=scores.frame_scores if labels is not None else None, labels=labels,

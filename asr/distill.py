@@ -592,7 +592,7 @@ def _check_same_arch(student: StackedModel, teacher_path: Path, teacher: Stacked
 
 
 def _use_bf16(train_cfg: Any) -> bool:
-    from asr.train import uses_bf16
+    from asr.precision import uses_bf16
 
     return uses_bf16(torch.device(train_cfg.device), train_cfg.dtype)
 
@@ -715,7 +715,8 @@ def _write_posteriors(students: StackedModel, names: Sequence[str], out_dir: Pat
                       post_sets: Mapping[str, str | os.PathLike], cmvn: str, train_cfg: Any) -> None:
     """``<T>/post/<set>.npy`` for every set of ``post_sets``, one set in memory at a time."""
     from asr.frames import FrameData
-    from asr.train import features_dtype, save_posteriors
+    from asr.posteriors import save_posteriors
+    from asr.train import features_dtype
 
     for set_name, feats_dir in post_sets.items():
         data = FrameData.from_dirs(feats_dir, None, cmvn=cmvn, device=train_cfg.device, dtype=features_dtype(train_cfg))
@@ -754,7 +755,8 @@ def distill(
     students' model paths in ``cfg.temperatures`` order.
     """
     from asr.frames import FrameData
-    from asr.train import features_dtype, train_stack, write_priors
+    from asr.posteriors import write_priors
+    from asr.train import features_dtype, train_stack
 
     names = _student_names(cfg, teacher_model_paths)
     out_dir = Path(out_dir)

@@ -26,7 +26,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -209,19 +209,9 @@ def _run_tasks(tasks: list[tuple[str, str, FeatureConfig]], nj: int) -> Iterator
         yield from pool.imap(_compute_one, tasks, chunksize=max(1, min(16, len(tasks) // (8 * nj))))
 
 
-def make_features(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: FeatureConfig,
-                  nj: int = 1, skip_bad: bool = False) -> Path:
-    """Compute fbank shards, index and CMVN statistics for one manifest into ``out_dir``.
-
-    Bad audio stops the run with an error naming the file, unless ``skip_bad``: then the utterance
-    is listed in ``bad_utts.txt`` and left out of shards and index. Finished shards are kept, so a
-    rerun after a crash or an error only computes what is missing. Returns ``out_dir``.
-    """
-    from tqdm import tqdm
-
-    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
-    if nj < 1:
-        raise ValueError(f"nj must be >= 1, got {nj}")
+def _read_utterances(manifest_path: Path) -> list[Utterance]:
+    """The manifest's utterances sorted by id, so shards and index do not depend on the file's order;
+    an empty manifest or a repeated id is an error here, before anything is written."""
     utts = sorted(read_manifest(manifest_path), key=lambda u: u.id)
     if not utts:
         raise ManifestError(f"{manifest_path}: no utterances")
@@ -229,33 +219,36 @@ def make_features(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, 
     dups = sorted({a for a, b in zip(ids, ids[1:]) if a == b})
     if dups:
         raise ManifestError(f"{manifest_path}: duplicate utterance ids {dups[:5]}")
+    return utts
 
-    cfg_hash = config_hash(cfg)
-    manifest_sha1 = file_sha1(manifest_path)
-    (out_dir / ".done").unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    n = cfg.utts_per_shard
-    chunks = [utts[i:i + n] for i in range(0, len(utts), n)]
-    digests = [_chunk_digest(c, cfg_hash) for c in chunks]
-    pending = [i for i, d in enumerate(digests) if not _shard_is_complete(out_dir, i, d)]
+def _remove_leftovers(out_dir: Path, num_shards: int) -> None:
+    """Temporary files of a killed run and shards beyond the current partition (a smaller manifest
+    or a larger ``utts_per_shard``), so the directory holds only what the index will name."""
     for tmp in out_dir.glob(".*.tmp"):  # left by a killed run (asr.io.atomic_path)
         tmp.unlink()
-    for stale in out_dir.glob("shard-*"):  # shards beyond the current partition
+    for stale in out_dir.glob("shard-*"):
         try:
-            if int(stale.name[6:11]) >= len(chunks):
+            if int(stale.name[6:11]) >= num_shards:
                 stale.unlink()
         except ValueError:
             continue
-    logger.info("%d utterances in %d shards; %d shard(s) to compute with nj=%d",
-                len(utts), len(chunks), len(pending), nj)
 
-    # A reused shard may hold utterances that were skipped as bad; without --skip-bad that is an error.
-    if not skip_bad:
-        for i in sorted(set(range(len(chunks))) - set(pending)):
-            bad = read_json(out_dir / f"{_shard_name(i)}.json")["bad"]
-            if bad:
-                raise FeatureError(f"{bad[0][0]}: {bad[0][1]} (use --skip-bad to leave bad utterances out)")
+
+def _check_reused_shards(out_dir: Path, reused: Sequence[int]) -> None:
+    """A reused shard may hold utterances that were skipped as bad; without --skip-bad that is an
+    error, as it would have been had the shard been computed now."""
+    for i in reused:
+        bad = read_json(out_dir / f"{_shard_name(i)}.json")["bad"]
+        if bad:
+            raise FeatureError(f"{bad[0][0]}: {bad[0][1]} (use --skip-bad to leave bad utterances out)")
+
+
+def _compute_shards(out_dir: Path, chunks: list[list[Utterance]], pending: list[int], digests: list[str],
+                    cfg: FeatureConfig, nj: int, skip_bad: bool) -> None:
+    """Compute the pending shards; each is written (array + sidecar with its digest) as soon as it is
+    complete, so a crash loses at most the shard in progress."""
+    from tqdm import tqdm
 
     tasks = [(u.id, u.audio, cfg) for i in pending for u in chunks[i]]
     results = _run_tasks(tasks, nj)
@@ -282,6 +275,10 @@ def make_features(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, 
     finally:
         results.close()  # stops the worker pool when a bad input ends the run
 
+
+def _index_rows(out_dir: Path, chunks: list[list[Utterance]]) -> tuple[list[dict], list[list[str]]]:
+    """Index rows (id, speaker, shard, start in the shard, frames, offset over the set) and the bad
+    utterances, read back from every shard's sidecar: computed now or reused, they count alike."""
     rows, bad_all, offset = [], [], 0
     for i, chunk in enumerate(chunks):
         side = read_json(out_dir / f"{_shard_name(i)}.json")
@@ -293,19 +290,58 @@ def make_features(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, 
             start += nf
             offset += nf
         bad_all.extend(side["bad"])
-    if not rows:
-        raise FeatureError(f"{manifest_path}: every utterance was bad; see {out_dir / 'bad_utts.txt'}")
+    return rows, bad_all
+
+
+def _write_bad_list(out_dir: Path, bad_all: list[list[str]]) -> None:
+    """``bad_utts.txt`` lists the utterances left out; a list from an earlier run is removed when
+    nothing is bad now."""
     if bad_all:
         atomic_write_text(out_dir / "bad_utts.txt", "".join(f"{u}\t{p}\n" for u, p in bad_all))
         logger.warning("%d bad utterance(s) left out; listed in %s", len(bad_all), out_dir / "bad_utts.txt")
     elif (out_dir / "bad_utts.txt").exists():
         (out_dir / "bad_utts.txt").unlink()
+
+
+def make_features(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: FeatureConfig,
+                  nj: int = 1, skip_bad: bool = False) -> Path:
+    """Compute fbank shards, index and CMVN statistics for one manifest into ``out_dir``.
+
+    Bad audio stops the run with an error naming the file, unless ``skip_bad``: then the utterance
+    is listed in ``bad_utts.txt`` and left out of shards and index. Finished shards are kept, so a
+    rerun after a crash or an error only computes what is missing. Returns ``out_dir``.
+    """
+    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
+    if nj < 1:
+        raise ValueError(f"nj must be >= 1, got {nj}")
+    utts = _read_utterances(manifest_path)
+    cfg_hash = config_hash(cfg)
+    manifest_sha1 = file_sha1(manifest_path)
+    (out_dir / ".done").unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    n = cfg.utts_per_shard
+    chunks = [utts[i:i + n] for i in range(0, len(utts), n)]
+    digests = [_chunk_digest(c, cfg_hash) for c in chunks]
+    pending = [i for i, d in enumerate(digests) if not _shard_is_complete(out_dir, i, d)]
+    _remove_leftovers(out_dir, len(chunks))
+    logger.info("%d utterances in %d shards; %d shard(s) to compute with nj=%d",
+                len(utts), len(chunks), len(pending), nj)
+    if not skip_bad:
+        _check_reused_shards(out_dir, sorted(set(range(len(chunks))) - set(pending)))
+    _compute_shards(out_dir, chunks, pending, digests, cfg, nj, skip_bad)
+
+    rows, bad_all = _index_rows(out_dir, chunks)
+    if not rows:
+        raise FeatureError(f"{manifest_path}: every utterance was bad; see {out_dir / 'bad_utts.txt'}")
+    _write_bad_list(out_dir, bad_all)
     write_jsonl(out_dir / "index.jsonl", rows)
     _write_cmvn(out_dir, rows, len(chunks), cfg.num_mel_bins)
     write_config(cfg, out_dir)
+    num_frames = sum(r["num_frames"] for r in rows)
     mark_done(out_dir, {"config_hash": cfg_hash, "manifest_sha1": manifest_sha1, "num_utts": len(rows),
-                        "num_frames": offset, "num_bad": len(bad_all)})
-    logger.info("%s: %d utterances, %d frames, %d bad", out_dir, len(rows), offset, len(bad_all))
+                        "num_frames": num_frames, "num_bad": len(bad_all)})
+    logger.info("%s: %d utterances, %d frames, %d bad", out_dir, len(rows), num_frames, len(bad_all))
     return out_dir
 
 

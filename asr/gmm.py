@@ -30,7 +30,7 @@ import numpy as np
 
 import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 
-from asr.align import _add_config_args, _run_pass, _Runner, _transcripts, align
+from asr.align import _add_config_args, _add_required_paths, _run_pass, _Runner, _transcripts, align
 from asr.cepstra import GmmFeatureSource
 from asr.config import config_from_args, config_to_dict, write_config
 from asr.gmm_model import GmmConfig, GmmError, GmmModel, _mix_up, _mle_update, _Stats
@@ -167,10 +167,7 @@ def train_mono(
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-gmm", help="flat-start monophone GMM-HMM training + training-set alignment")
-    p.add_argument("--feats-dir", required=True)
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--lang-dir", required=True)
-    p.add_argument("--out-dir", required=True)
+    _add_required_paths(p, "--feats-dir", "--manifest", "--lang-dir", "--out-dir")
     p.add_argument("--ali-dir", default=None, help="where the training labels go (default OUT_DIR/ali_train)")
     _add_config_args(p)
     p.set_defaults(func=_cli_train)

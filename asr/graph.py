@@ -179,7 +179,49 @@ def _model_tree(path: str | os.PathLike | None) -> bytes | None:
         return z["tree"].tobytes() if "tree" in z.files else None
 
 
+def _transition_model(lang: object, ctx: object, transition_log_probs: str | None) -> object:
+    """The transition model of ``ctx`` on the lang's topology, with the GMM's trained transition
+    probabilities when given (set by one ML update whose counts are those probabilities)."""
+    import kaldi_hmm_gmm as khg  # noqa: I001  (before kaldifst)
+    import numpy as np
+
+    tm = khg.TransitionModel(ctx, lang.topology())
+    if transition_log_probs:
+        lp = _load_transition_log_probs(transition_log_probs)
+        if lp.shape != (tm.num_transition_ids + 1,):
+            raise GraphError(f"{transition_log_probs}: {lp.shape[0] - 1} transition ids, the lang's "
+                             f"topology gives {tm.num_transition_ids}")
+        stats = np.exp(lp) * 1e6
+        stats[0] = 0.0
+        tm.mle_update(stats, khg.MleTransitionUpdateConfig(floor=1e-30, mincount=0.0))
+    return tm
+
+
+def _compose_lg(L: object, g: str, gc: GraphConfig, info: dict) -> object:
+    """det(min(L o G)), the word-level part of the graph; G's and LG's sizes go into ``info``. An
+    empty LG means G and the lexicon share no word, which would only show later as an empty HCLG."""
+    import kaldifst
+
+    G = kaldifst.StdVectorFst.read(g)
+    kaldifst.arcsort(G, sort_type="ilabel")
+    kaldifst.arcsort(L, sort_type="olabel")
+    info["G"] = fst_stats(G)
+    print("composing L o G", file=sys.stderr, flush=True)
+    LG = kaldifst.compose(L, G)
+    print("determinizing LG", file=sys.stderr, flush=True)
+    if kaldifst.determinize_star(LG, max_states=gc.max_states_det, use_log=True):
+        raise GraphError(f"determinizing LG stopped at max_states_det={gc.max_states_det}")
+    kaldifst.minimize_encoded(LG)
+    kaldifst.arcsort(LG, sort_type="ilabel")
+    info["LG"] = fst_stats(LG)
+    if info["LG"]["states"] == 0:
+        raise GraphError("L o G is empty: no word of G is in the lexicon")
+    return LG
+
+
 def _child_hclg(lang_dir: str, g: str, out: str, cfg: dict, transition_log_probs: str | None) -> dict:
+    """Kaldi's mkgraph.sh in the child process: HCLG from the lang, G and the model's tree and
+    transitions, written to ``out`` (with its transition-id -> pdf table); returns the sizes for info.json."""
     import kaldi_hmm_gmm as khg  # noqa: I001  (before kaldifst)
     import kaldifst
     import numpy as np
@@ -192,32 +234,9 @@ def _child_hclg(lang_dir: str, g: str, out: str, cfg: dict, transition_log_probs
     lang = load_lang(lang_dir)
     tree = _model_tree(transition_log_probs)
     ctx = context_dependency_from_bytes(tree) if tree is not None else lang.ctx_dep()
-    tm = khg.TransitionModel(ctx, lang.topology())
-    if transition_log_probs:
-        # set the trained probabilities by one ML update whose counts are those probabilities
-        lp = _load_transition_log_probs(transition_log_probs)
-        if lp.shape != (tm.num_transition_ids + 1,):
-            raise GraphError(f"{transition_log_probs}: {lp.shape[0] - 1} transition ids, the lang's "
-                             f"topology gives {tm.num_transition_ids}")
-        stats = np.exp(lp) * 1e6
-        stats[0] = 0.0
-        tm.mle_update(stats, khg.MleTransitionUpdateConfig(floor=1e-30, mincount=0.0))
-    L = lang.L_disambig()
-    G = kaldifst.StdVectorFst.read(g)
-    kaldifst.arcsort(G, sort_type="ilabel")
-    kaldifst.arcsort(L, sort_type="olabel")
-    info: dict = {"G": fst_stats(G)}
-
-    print("composing L o G", file=sys.stderr, flush=True)
-    LG = kaldifst.compose(L, G)
-    print("determinizing LG", file=sys.stderr, flush=True)
-    if kaldifst.determinize_star(LG, max_states=gc.max_states_det, use_log=True):
-        raise GraphError(f"determinizing LG stopped at max_states_det={gc.max_states_det}")
-    kaldifst.minimize_encoded(LG)
-    kaldifst.arcsort(LG, sort_type="ilabel")
-    info["LG"] = fst_stats(LG)
-    if info["LG"]["states"] == 0:
-        raise GraphError("L o G is empty: no word of G is in the lexicon")
+    tm = _transition_model(lang, ctx, transition_log_probs)
+    info: dict = {}
+    LG = _compose_lg(lang.L_disambig(), g, gc, info)
 
     print("composing C o LG", file=sys.stderr, flush=True)
     CLG, ilabels = kaldifst.compose_context(lang.disambig_phone_ids, ctx.context_width,

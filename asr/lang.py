@@ -265,35 +265,21 @@ def _write_symbols(path: Path, symbols: Sequence[str]) -> None:
     atomic_write_text(path, "".join(f"{s} {i}\n" for i, s in enumerate(symbols)))
 
 
-def prepare_lang(
-    lexicon_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    cfg: LangConfig = LangConfig(),
-    vocabulary: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-) -> Path:
-    """Build the lang directory from a lexicon.
+def _vocab_paths(vocabulary: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    """One vocabulary file or several, as a list (empty: keep the whole lexicon)."""
+    if vocabulary is None:
+        return []
+    if isinstance(vocabulary, (str, os.PathLike)):
+        return [Path(vocabulary)]
+    return [Path(v) for v in vocabulary]
 
-    ``vocabulary``: text file(s) whose whitespace-separated tokens are the words to keep (for
-    example the LM text plus the training transcripts); lexicon words outside it are dropped.
-    ``<UNK>`` is always kept. Vocabulary words missing from the lexicon are counted and logged:
-    they will map to ``<UNK>``.
+
+def _load_lexicon(lexicon_path: Path, cfg: LangConfig, vocab_paths: list[Path]) -> list[tuple[str, tuple[str, ...]]]:
+    """The lexicon checked against the phone set, with ``<UNK>``, cut to the vocabulary, sorted.
+
+    An unknown phone is an error naming the word (it would have no HMM); a missing ``<UNK>`` entry is
+    added, because every word outside the vocabulary maps to it.
     """
-    lexicon_path = Path(lexicon_path)
-    out_dir = Path(out_dir)
-    vocab_paths: list[Path] = []
-    if vocabulary is not None:
-        if isinstance(vocabulary, (str, os.PathLike)):
-            vocab_paths = [Path(vocabulary)]
-        else:
-            vocab_paths = [Path(v) for v in vocabulary]
-    if not lexicon_path.is_file():
-        raise LangError(f"lexicon {lexicon_path} does not exist (run the lexicon step first)")
-    stamp = {
-        "config_hash": config_hash(cfg),
-        "lexicon_sha1": _sha1_file(lexicon_path),
-        "vocab_sha1": [_sha1_file(p) for p in vocab_paths] if vocab_paths else None,
-    }
-
     lexicon = read_lexicon(lexicon_path)
     silence_phones = [cfg.sil_phone, cfg.unk_phone]
     phone_set = set(CMU_PHONES) | set(silence_phones)
@@ -313,57 +299,117 @@ def prepare_lang(
         log.info("vocabulary: %d words, %d kept from the lexicon, %d not in the lexicon (-> %s)",
                  len(vocab), len({w for w, _ in lexicon}), len(missing), cfg.unk_word)
     lexicon.sort(key=lambda e: (e[0], e[1]))
+    return lexicon
 
+
+@dataclass(frozen=True)
+class _Tables:
+    """Symbol tables of a lang directory, as prepare_lang builds them from the sorted lexicon."""
+
+    lexicon: list
+    lexicon_disambig: list
+    silence_phones: list[str]
+    disambig: list[str]
+    phones: list[str]
+    phone2id: dict[str, int]
+    vocab_words: list[str]
+    words: list[str]
+    word2id: dict[str, int]
+
+    @property
+    def sil_ids(self) -> list[int]:
+        return [self.phone2id[p] for p in self.silence_phones]
+
+    @property
+    def nonsil_ids(self) -> list[int]:
+        return [self.phone2id[p] for p in CMU_PHONES]
+
+
+def _build_tables(lexicon: list, cfg: LangConfig) -> _Tables:
+    """Phone and word tables: ``<eps>``, silences, the CMU phones, then the disambiguation symbols
+    #0 (G backoff), #1..#max (homophones and prefixes in the lexicon), #max+1 (after optional silence)."""
     lexicon_disambig, max_disambig = _add_disambig(lexicon)
-    # #0 (G backoff), #1..#max (lexicon), #max+1 (after optional silence).
-    num_disambig = max_disambig + 2
-    disambig = [f"#{i}" for i in range(num_disambig)]
+    disambig = [f"#{i}" for i in range(max_disambig + 2)]
+    silence_phones = [cfg.sil_phone, cfg.unk_phone]
     phones = [EPS] + silence_phones + list(CMU_PHONES) + disambig
-    phone2id = {p: i for i, p in enumerate(phones)}
     vocab_words = sorted({w for w, _ in lexicon})
     words = [EPS] + vocab_words + ["#0", "<s>", "</s>"]
-    word2id = {w: i for i, w in enumerate(words)}
+    return _Tables(lexicon, lexicon_disambig, silence_phones, disambig, phones, {p: i for i, p in enumerate(phones)},
+                   vocab_words, words, {w: i for i, w in enumerate(words)})
 
-    sil_ids = [phone2id[p] for p in silence_phones]
-    nonsil_ids = [phone2id[p] for p in CMU_PHONES]
-    topo_text = _topology_text(nonsil_ids, sil_ids, cfg)
-    topo = khg.HmmTopology()
-    topo.read(topo_text)
-    real_phones = sorted(sil_ids + nonsil_ids)
-    ctx_dep = khg.monophone_context_dependency(real_phones, topo.get_phone_to_num_pdf_classes())
-    trans_model = khg.TransitionModel(ctx_dep, topo)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / ".done").unlink(missing_ok=True)
-    _write_symbols(out_dir / "phones.txt", phones)
-    _write_symbols(out_dir / "words.txt", words)
+def _write_tables(out_dir: Path, t: _Tables, topo_text: str, ctx_dep: object, cfg: LangConfig) -> None:
+    """The text files of the lang directory (Kaldi's names and formats) and the monophone tree."""
+    _write_symbols(out_dir / "phones.txt", t.phones)
+    _write_symbols(out_dir / "words.txt", t.words)
     atomic_write_text(out_dir / "topo", topo_text)
-    atomic_write_text(out_dir / "lexicon.txt", "".join(f"{w} {' '.join(p)}\n" for w, p in lexicon))
+    atomic_write_text(out_dir / "lexicon.txt", "".join(f"{w} {' '.join(p)}\n" for w, p in t.lexicon))
     atomic_write_text(out_dir / "lexicon_disambig.txt",
-                      "".join(f"{w} {' '.join(p)}\n" for w, p in lexicon_disambig))
-    atomic_write_text(out_dir / "disambig.int", "".join(f"{phone2id[d]}\n" for d in disambig))
-    atomic_write_text(out_dir / "silence.int", "".join(f"{i}\n" for i in sil_ids))
-    atomic_write_text(out_dir / "nonsilence.int", "".join(f"{i}\n" for i in nonsil_ids))
-    atomic_write_text(out_dir / "optional_silence.int", f"{phone2id[cfg.sil_phone]}\n")
+                      "".join(f"{w} {' '.join(p)}\n" for w, p in t.lexicon_disambig))
+    atomic_write_text(out_dir / "disambig.int", "".join(f"{t.phone2id[d]}\n" for d in t.disambig))
+    atomic_write_text(out_dir / "silence.int", "".join(f"{i}\n" for i in t.sil_ids))
+    atomic_write_text(out_dir / "nonsilence.int", "".join(f"{i}\n" for i in t.nonsil_ids))
+    atomic_write_text(out_dir / "optional_silence.int", f"{t.phone2id[cfg.sil_phone]}\n")
     with atomic_path(out_dir / "tree") as tmp:
         ctx_dep.write(True, str(tmp))
 
-    l_text = _lexicon_fst_text(lexicon, phone2id, word2id, cfg.sil_prob, cfg.sil_phone, None, False)
-    ld_text = _lexicon_fst_text(lexicon_disambig, phone2id, word2id, cfg.sil_prob, cfg.sil_phone,
-                                disambig[-1], True)
+
+def _write_lexicon_fsts(out_dir: Path, t: _Tables, cfg: LangConfig) -> None:
+    """``L.fst`` (for alignment graphs) and ``L_disambig.fst`` (for HCLG: disambiguation symbols and
+    the #0 self-loop that lets G's backoff arcs through)."""
+    l_text = _lexicon_fst_text(t.lexicon, t.phone2id, t.word2id, cfg.sil_prob, cfg.sil_phone, None, False)
+    ld_text = _lexicon_fst_text(t.lexicon_disambig, t.phone2id, t.word2id, cfg.sil_prob, cfg.sil_phone,
+                                t.disambig[-1], True)
     for name, text in (("L.fst", l_text), ("L_disambig.fst", ld_text)):
         fst = _compile_fst(text)
         with atomic_path(out_dir / name) as tmp:
             if not fst.write(str(tmp)):
                 raise LangError(f"could not write {out_dir / name}")
 
+
+def prepare_lang(
+    lexicon_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: LangConfig = LangConfig(),
+    vocabulary: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+) -> Path:
+    """Build the lang directory from a lexicon.
+
+    ``vocabulary``: text file(s) whose whitespace-separated tokens are the words to keep (for
+    example the LM text plus the training transcripts); lexicon words outside it are dropped.
+    ``<UNK>`` is always kept. Vocabulary words missing from the lexicon are counted and logged:
+    they will map to ``<UNK>``.
+    """
+    lexicon_path = Path(lexicon_path)
+    out_dir = Path(out_dir)
+    vocab_paths = _vocab_paths(vocabulary)
+    if not lexicon_path.is_file():
+        raise LangError(f"lexicon {lexicon_path} does not exist (run the lexicon step first)")
+    stamp = {
+        "config_hash": config_hash(cfg),
+        "lexicon_sha1": _sha1_file(lexicon_path),
+        "vocab_sha1": [_sha1_file(p) for p in vocab_paths] if vocab_paths else None,
+    }
+    t = _build_tables(_load_lexicon(lexicon_path, cfg, vocab_paths), cfg)
+
+    topo_text = _topology_text(t.nonsil_ids, t.sil_ids, cfg)
+    topo = khg.HmmTopology()
+    topo.read(topo_text)
+    real_phones = sorted(t.sil_ids + t.nonsil_ids)
+    ctx_dep = khg.monophone_context_dependency(real_phones, topo.get_phone_to_num_pdf_classes())
+    trans_model = khg.TransitionModel(ctx_dep, topo)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ".done").unlink(missing_ok=True)
+    _write_tables(out_dir, t, topo_text, ctx_dep, cfg)
+    _write_lexicon_fsts(out_dir, t, cfg)
     info = {
         "num_phones": len(real_phones),
-        "num_words": len(vocab_words),
+        "num_words": len(t.vocab_words),
         "num_pdfs": int(trans_model.num_pdfs),
         "num_transition_ids": int(trans_model.num_transition_ids),
-        "num_disambig": num_disambig,
-        "silence_phones": silence_phones,
+        "num_disambig": len(t.disambig),
+        "silence_phones": t.silence_phones,
         "optional_silence": cfg.sil_phone,
         "unk_word": cfg.unk_word,
         "unk_phone": cfg.unk_phone,
@@ -374,7 +420,7 @@ def prepare_lang(
     write_config(cfg, out_dir)
     mark_done(out_dir, stamp)
     log.info("lang %s: %d words, %d phones, %d pdfs, %d disambiguation symbols",
-             out_dir, len(vocab_words), len(real_phones), info["num_pdfs"], num_disambig)
+             out_dir, len(t.vocab_words), len(real_phones), info["num_pdfs"], len(t.disambig))
     return out_dir
 
 

@@ -350,6 +350,87 @@ def _copy_arpa(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
+def _check_inputs(text: Path | None, arpa_src: Path | None, trans_paths: list[Path], lang_dir: Path) -> Path:
+    """Every input exists before anything is written; returns the lang's ``words.txt``."""
+    if arpa_src is None and text is None and not trans_paths:
+        raise LmError("train_lm needs the LM text (text_path), training transcripts or an ARPA file (arpa)")
+    for p, what in ((text, "LM text"), (arpa_src, "ARPA file")):
+        if p is not None and not p.is_file():
+            raise LmError(f"{what} {p} does not exist")
+    words_txt = lang_dir / "words.txt"
+    if not words_txt.is_file():
+        raise LmError(f"{words_txt} does not exist (run prepare-lang first)")
+    return words_txt
+
+
+def _read_lm_text(text: Path | None, trans_paths: list[Path], eval_texts: dict[str, list[str]],
+                  cfg: LmConfig, info: dict) -> list[str]:
+    """Normalised LM sentences: the LM text (refused if it holds dev/test sentences, unless allowed)
+    followed by the training transcripts (dev/test sentences left out). What was read goes into ``info``."""
+    lm_lines: list[str] = []
+    if text is not None:
+        with open(text, encoding="utf-8") as f:
+            lm_lines = [_norm(line) for line in f]
+        lm_lines = [s for s in lm_lines if s]
+        if not lm_lines:
+            raise LmError(f"LM text {text} is empty")
+        overlap = check_overlap(lm_lines, eval_texts, allow=cfg.allow_overlap, source=f"LM text {text}")
+        info.update(text=str(text.resolve()), text_sentences=len(lm_lines),
+                    overlap={k: len(v) for k, v in overlap.items()})
+    if trans_paths:
+        own, dropped = _training_transcripts(trans_paths, eval_texts)
+        lm_lines += own
+        info.update(transcripts=[str(t.resolve()) for t in trans_paths], transcript_sentences=len(own),
+                    transcripts_left_out_as_eval=dropped)
+    return lm_lines
+
+
+def _count_outside_lexicon(lm_lines: list[str], lexicon_words: set[str], words_txt: Path, cfg: LmConfig,
+                           info: dict) -> None:
+    """Count (and warn about) LM-text words the lexicon lacks: they become ``<UNK>`` or vanish from G."""
+    if not lm_lines:
+        raise LmError("the LM text and training transcripts hold no sentence")
+    lm_vocab = {w for s in lm_lines for w in s.split()}
+    outside = sorted(lm_vocab - lexicon_words)
+    info["text_words_not_in_lexicon"] = len(outside)
+    if outside:
+        log.warning("%d LM-text word type(s) are not in %s (e.g. %s): %s", len(outside), words_txt,
+                    " ".join(outside[:5]),
+                    "mapped to <UNK>" if cfg.oov_to_unk else "their n-grams are dropped from G")
+
+
+def _train_arpa(lm_lines: list[str], lexicon_words: set[str], words_txt: Path, out_dir: Path, cfg: LmConfig,
+                arpa_out: Path) -> dict:
+    """Write ``lm_train.txt`` (OOVs mapped to ``<UNK>`` if so configured) and train the Kneser-Ney
+    ARPA model on it; returns what the training reports for ``info.json``."""
+    train_text = out_dir / "lm_train.txt"
+    unk = "<UNK>"
+    if cfg.oov_to_unk and unk not in lexicon_words:
+        raise LmError(f"oov_to_unk is set but {words_txt} has no {unk}")
+    with atomic_path(train_text) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for s in lm_lines:
+                if cfg.oov_to_unk:
+                    s = " ".join(w if w in lexicon_words else unk for w in s.split())
+                f.write(s + "\n")
+    log.info("training a %d-gram Kneser-Ney LM on %d sentences", cfg.order, len(lm_lines))
+    return _train_kn(train_text, arpa_out, cfg.order, cfg.prune_threshold)
+
+
+def _evaluate(arpa_out: Path, eval_texts: dict[str, list[str]], lexicon_words: set[str], info: dict) -> dict:
+    """Perplexity and OOV rates of every eval set; n-gram counts and the LM's words outside the
+    lexicon go into ``info``."""
+    eval_vocab = {w for texts in eval_texts.values() for t in texts for w in t.split()}
+    lm = read_arpa(arpa_out, keep_words=eval_vocab)
+    info["ngram_counts"] = {str(k): v for k, v in sorted(lm.counts.items())}
+    info["lm_words_not_in_lexicon"] = len(lm.vocab - lexicon_words - {"<s>", "</s>"})
+    ppl = {name: perplexity(lm, texts, lexicon_words) for name, texts in eval_texts.items()}
+    for name, r in ppl.items():
+        log.info("%s: ppl %.1f, OOV %.2f%% (LM) %.2f%% (lexicon), %d sentences", name, r["ppl"],
+                 r["oov_rate"], r["oov_rate_lexicon"], r["sentences"])
+    return ppl
+
+
 def train_lm(
     text_path: str | os.PathLike | None,
     lang_dir: str | os.PathLike,
@@ -374,14 +455,7 @@ def train_lm(
     arpa_src = Path(arpa) if arpa is not None else None
     eval_manifests = {k: Path(v) for k, v in (eval_manifests or {}).items()}
     trans_paths = [Path(t) for t in transcripts]
-    if arpa_src is None and text is None and not trans_paths:
-        raise LmError("train_lm needs the LM text (text_path), training transcripts or an ARPA file (arpa)")
-    for p, what in ((text, "LM text"), (arpa_src, "ARPA file")):
-        if p is not None and not p.is_file():
-            raise LmError(f"{what} {p} does not exist")
-    words_txt = lang_dir / "words.txt"
-    if not words_txt.is_file():
-        raise LmError(f"{words_txt} does not exist (run prepare-lang first)")
+    words_txt = _check_inputs(text, arpa_src, trans_paths, lang_dir)
     stamp = {
         "config_hash": config_hash(cfg),
         "text_sha1": file_sha1(text) if text is not None else None,
@@ -396,60 +470,18 @@ def train_lm(
     eval_texts = {name: [u.text for u in read_manifest(p)] for name, p in sorted(eval_manifests.items())}
     lexicon_words = _read_words_txt(lang_dir) - {"<eps>", "#0", "<s>", "</s>"}
     info: dict = {"config": config_to_dict(cfg)}
-    lm_lines: list[str] = []
-    if text is not None:
-        with open(text, encoding="utf-8") as f:
-            lm_lines = [_norm(line) for line in f]
-        lm_lines = [s for s in lm_lines if s]
-        if not lm_lines:
-            raise LmError(f"LM text {text} is empty")
-        overlap = check_overlap(lm_lines, eval_texts, allow=cfg.allow_overlap, source=f"LM text {text}")
-        info.update(text=str(text.resolve()), text_sentences=len(lm_lines),
-                    overlap={k: len(v) for k, v in overlap.items()})
-    if trans_paths:
-        own, dropped = _training_transcripts(trans_paths, eval_texts)
-        lm_lines += own
-        info.update(transcripts=[str(t.resolve()) for t in trans_paths], transcript_sentences=len(own),
-                    transcripts_left_out_as_eval=dropped)
-    if (text is not None or trans_paths) and arpa_src is None:
-        if not lm_lines:
-            raise LmError("the LM text and training transcripts hold no sentence")
-        lm_vocab = {w for s in lm_lines for w in s.split()}
-        outside = sorted(lm_vocab - lexicon_words)
-        info["text_words_not_in_lexicon"] = len(outside)
-        if outside:
-            log.warning("%d LM-text word type(s) are not in %s (e.g. %s): %s", len(outside), words_txt,
-                        " ".join(outside[:5]),
-                        "mapped to <UNK>" if cfg.oov_to_unk else "their n-grams are dropped from G")
+    lm_lines = _read_lm_text(text, trans_paths, eval_texts, cfg, info)
     arpa_out = out_dir / "lm.arpa"
     if arpa_src is not None:
         log.info("using the given ARPA model %s", arpa_src)
         _copy_arpa(arpa_src, arpa_out)
         info["arpa"] = str(arpa_src.resolve())
     else:
-        train_text = out_dir / "lm_train.txt"
-        unk = "<UNK>"
-        if cfg.oov_to_unk and unk not in lexicon_words:
-            raise LmError(f"oov_to_unk is set but {words_txt} has no {unk}")
-        with atomic_path(train_text) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for s in lm_lines:
-                    if cfg.oov_to_unk:
-                        s = " ".join(w if w in lexicon_words else unk for w in s.split())
-                    f.write(s + "\n")
-        log.info("training a %d-gram Kneser-Ney LM on %d sentences", cfg.order, len(lm_lines))
-        info.update(_train_kn(train_text, arpa_out, cfg.order, cfg.prune_threshold))
+        _count_outside_lexicon(lm_lines, lexicon_words, words_txt, cfg, info)
+        info.update(_train_arpa(lm_lines, lexicon_words, words_txt, out_dir, cfg, arpa_out))
 
     make_g(arpa_out, lang_dir, out_dir)
-
-    eval_vocab = {w for texts in eval_texts.values() for t in texts for w in t.split()}
-    lm = read_arpa(arpa_out, keep_words=eval_vocab)
-    info["ngram_counts"] = {str(k): v for k, v in sorted(lm.counts.items())}
-    info["lm_words_not_in_lexicon"] = len(lm.vocab - lexicon_words - {"<s>", "</s>"})
-    ppl = {name: perplexity(lm, texts, lexicon_words) for name, texts in eval_texts.items()}
-    for name, r in ppl.items():
-        log.info("%s: ppl %.1f, OOV %.2f%% (LM) %.2f%% (lexicon), %d sentences", name, r["ppl"],
-                 r["oov_rate"], r["oov_rate_lexicon"], r["sentences"])
+    ppl = _evaluate(arpa_out, eval_texts, lexicon_words, info)
     atomic_write_json(out_dir / "ppl.json", ppl)
     atomic_write_json(out_dir / "info.json", info)
     write_config(cfg, out_dir)

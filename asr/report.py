@@ -116,6 +116,68 @@ def discover_sets(exp_dir: str | os.PathLike) -> list[str]:
     return sorted(names, key=lambda s: (not s.startswith("dev"), s))
 
 
+def _system_info(sdir: Path, sets: Sequence[str]) -> dict | None:
+    """What ``decode/<name>/system.json`` says the system is, or what its name says when the file is
+    missing (None: nothing scored there, not a system). The kind is checked against :data:`KINDS`."""
+    sj = sdir / "system.json"
+    if sj.is_file():
+        info = read_json(sj)
+        if not isinstance(info, dict) or "kind" not in info:
+            raise ReportError(f"{sj}: needs at least 'kind'")
+        info.setdefault("name", sdir.name)
+    else:
+        if not any((sdir / s / "wer.json").is_file() for s in sets):
+            return None
+        log.warning("%s missing; inferring the system from its name", sj)
+        info = _infer_system(sdir.name)
+    if info["kind"] not in KINDS:
+        raise ReportError(f"{sj}: kind {info['kind']!r} is not one of {KINDS}")
+    return info
+
+
+def _system_row(info: dict, sj: Path) -> dict[str, Any]:
+    """A row's identity: name, kind, size, and the field its kind is ordered and grouped by (a
+    member's seed, an ensemble's size, a student's temperature, hard weight and variant)."""
+    row: dict[str, Any] = {"name": str(info["name"]), "kind": info["kind"], "params": info.get("params"),
+                           "num_pdfs": info.get("num_pdfs")}
+    if info["kind"] == "member":
+        if "seed" not in info:
+            raise ReportError(f"{sj}: a member needs 'seed'")
+        row["seed"] = int(info["seed"])
+    if info["kind"] == "ensemble":
+        if "members" not in info:
+            raise ReportError(f"{sj}: an ensemble needs 'members'")
+        row["members"] = info["members"]
+    if info["kind"] == "distilled":
+        if "temperature" not in info:
+            raise ReportError(f"{sj}: a distilled system needs 'temperature'")
+        row["temperature"] = float(info["temperature"])
+        row["hard_weight"] = _num(info.get("hard_weight"))
+        row["variant"] = str(info.get("variant", "distill"))
+    return row
+
+
+def _set_scores(sdir: Path, sets: Sequence[str]) -> tuple[dict, dict]:
+    """Frame accuracy and WER of one system per set (None where not decoded or scored);
+    ``frame_acc.json`` overrides the frame accuracy in ``wer.json``."""
+    frame_acc, wers = {}, {}
+    for s in sets:
+        wer = fa = None
+        wj = sdir / s / "wer.json"
+        if wj.is_file():
+            w = read_json(wj)
+            if "wer" not in w:
+                raise ReportError(f"{wj}: no 'wer' field")
+            wer = _num(w["wer"])
+            fa = _num(w.get("frame_acc"))
+        fj = sdir / s / "frame_acc.json"
+        if fj.is_file():
+            fa = _num(read_json(fj).get("frame_acc"))
+        frame_acc[s] = fa
+        wers[s] = wer
+    return frame_acc, wers
+
+
 def collect_systems(exp_dir: str | os.PathLike, sets: Sequence[str]) -> list[dict]:
     """One row per decoded system (member-mean excluded: the report computes it).
 
@@ -130,53 +192,11 @@ def collect_systems(exp_dir: str | os.PathLike, sets: Sequence[str]) -> list[dic
     # "<name>.partial" a failed rebuild kept for resuming.
     for sdir in sorted(p for p in decode.iterdir()
                        if p.is_dir() and not p.name.startswith(".") and not p.name.endswith((".old", ".partial"))):
-        sj = sdir / "system.json"
-        if sj.is_file():
-            info = read_json(sj)
-            if not isinstance(info, dict) or "kind" not in info:
-                raise ReportError(f"{sj}: needs at least 'kind'")
-            info.setdefault("name", sdir.name)
-        else:
-            if not any((sdir / s / "wer.json").is_file() for s in sets):
-                continue
-            log.warning("%s missing; inferring the system from its name", sj)
-            info = _infer_system(sdir.name)
-        if info["kind"] not in KINDS:
-            raise ReportError(f"{sj}: kind {info['kind']!r} is not one of {KINDS}")
-        if info["kind"] == "member-mean":
+        info = _system_info(sdir, sets)
+        if info is None or info["kind"] == "member-mean":
             continue
-        row: dict[str, Any] = {"name": str(info["name"]), "kind": info["kind"], "params": info.get("params"),
-                               "num_pdfs": info.get("num_pdfs")}
-        if info["kind"] == "member":
-            if "seed" not in info:
-                raise ReportError(f"{sj}: a member needs 'seed'")
-            row["seed"] = int(info["seed"])
-        if info["kind"] == "ensemble":
-            if "members" not in info:
-                raise ReportError(f"{sj}: an ensemble needs 'members'")
-            row["members"] = info["members"]
-        if info["kind"] == "distilled":
-            if "temperature" not in info:
-                raise ReportError(f"{sj}: a distilled system needs 'temperature'")
-            row["temperature"] = float(info["temperature"])
-            row["hard_weight"] = _num(info.get("hard_weight"))
-            row["variant"] = str(info.get("variant", "distill"))
-        row["frame_acc"] = {}
-        row["wer"] = {}
-        for s in sets:
-            wer = fa = None
-            wj = sdir / s / "wer.json"
-            if wj.is_file():
-                w = read_json(wj)
-                if "wer" not in w:
-                    raise ReportError(f"{wj}: no 'wer' field")
-                wer = _num(w["wer"])
-                fa = _num(w.get("frame_acc"))
-            fj = sdir / s / "frame_acc.json"
-            if fj.is_file():
-                fa = _num(read_json(fj).get("frame_acc"))
-            row["frame_acc"][s] = fa
-            row["wer"][s] = wer
+        row = _system_row(info, sdir / "system.json")
+        row["frame_acc"], row["wer"] = _set_scores(sdir, sets)
         row["_dir"] = str(sdir)
         rows.append(row)
     rows += _undecoded_ensembles(Path(exp_dir), sets, {r["members"] for r in rows if r["kind"] == "ensemble"})
@@ -373,6 +393,35 @@ def _ablation(exp_dir: Path, rows: list[dict], mm: dict | None, ens: dict | None
     return out
 
 
+def _significance(members: list[dict], ens_full: dict | None, best_dist: dict | None, sets: Sequence[str],
+                  num_samples: int, seed: int) -> tuple[list[dict], dict[str, str | None]]:
+    """Paired bootstraps per set: median member vs ensemble, median member vs student, ensemble vs
+    student. Returns the tests and the median member named on each set."""
+    significance: list[dict] = []
+    baseline_member: dict[str, str | None] = {}
+    for s in sets:
+        med = _median_member(members, s)
+        baseline_member[s] = med["name"] if med else None
+        pairs = [(med, ens_full), (med, best_dist), (ens_full, best_dist)]
+        for a, b in pairs:
+            if a is None or b is None or a is b:
+                continue
+            res = _bootstrap(a, b, s, num_samples, seed)
+            if res is not None:
+                significance.append(res)
+    return significance, baseline_member
+
+
+def _tuning(rows: list[dict]) -> dict[str, dict]:
+    """The decoding weights each system's ``tune.json`` chose on dev."""
+    tuning = {}
+    for r in rows:
+        if "_dir" in r and (Path(r["_dir"]) / "tune.json").is_file():
+            t = read_json(Path(r["_dir"]) / "tune.json")
+            tuning[r["name"]] = {k: t.get(k) for k in ("acwt", "lm_weight", "word_ins_penalty") if k in t}
+    return tuning
+
+
 def build_results(
     exp_dir: str | os.PathLike,
     corpus: str,
@@ -406,25 +455,9 @@ def build_results(
                        key=lambda r: r["temperature"])
     best_dist, dist_reason = _pick_distilled(exp_dir, distilled, sets)
     gain = {s: _gain_kept(mm, ens_full, best_dist, s) for s in sets}
-
-    significance: list[dict] = []
-    baseline_member: dict[str, str | None] = {}
-    for s in sets:
-        med = _median_member(members, s)
-        baseline_member[s] = med["name"] if med else None
-        pairs = [(med, ens_full), (med, best_dist), (ens_full, best_dist)]
-        for a, b in pairs:
-            if a is None or b is None or a is b:
-                continue
-            res = _bootstrap(a, b, s, bootstrap_samples, bootstrap_seed)
-            if res is not None:
-                significance.append(res)
-
-    tuning = {}
-    for r in rows:
-        if "_dir" in r and (Path(r["_dir"]) / "tune.json").is_file():
-            t = read_json(Path(r["_dir"]) / "tune.json")
-            tuning[r["name"]] = {k: t.get(k) for k in ("acwt", "lm_weight", "word_ins_penalty") if k in t}
+    significance, baseline_member = _significance(members, ens_full, best_dist, sets, bootstrap_samples,
+                                                  bootstrap_seed)
+    tuning = _tuning(rows)
     choice_file = exp_dir / "distill" / "choice.json"
     distill_choice = read_json(choice_file) if choice_file.is_file() else None
 
@@ -603,11 +636,8 @@ def _diagnostics_md(results: dict) -> list[str]:
     return L + [""]
 
 
-def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Path] = (),
-                     command: str | None = None) -> Path:
-    """Write RESULTS.md from a results dict (see :func:`build_results`)."""
-    path = Path(path)
-    sets = results["sets"]
+def _header_md(results: dict, path: Path, command: str | None) -> list[str]:
+    """Title, the command that made the file, the paper's figures, and which student is reported."""
     L: list[str] = [f"# Results: {results['corpus']}", ""]
     L.append(f"Made by `{command or 'asr report --exp-dir ' + str(path.parent)}` from the decode, distill "
              "and training outputs beside this file (numbers in `results.json`). Frame accuracy and WER in "
@@ -621,37 +651,49 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
               f"{'; '.join(results['incomplete'])}.**", ""]
     L.append(f"Reported distilled model: {results['distilled_choice_reason']}.")
     L.append("")
-    for s in sets:
-        rows = _paper_rows(results, s)
-        if not rows:
-            continue
-        L += [f"## {s}", "", "| System | Frame acc. (%) | WER (%) |", "|---|---|---|"]
-        L += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-        L.append("")
-        g = results["gain_kept"].get(s, {})
-        fa_kept = "n/a" if g.get("frame_acc") is None else f"{100 * g['frame_acc']:.0f}%"
-        wer_kept = "n/a" if g.get("wer") is None else f"{100 * g['wer']:.0f}%"
-        L.append(f"Share of the ensemble's gain kept by the distilled model, (distilled - baseline) / "
-                 f"(ensemble - baseline): frame accuracy {fa_kept}, WER {wer_kept}.")
-        L.append("")
-        L += [f"- {v}" for v in _verdicts(results, s)]
-        L.append("")
+    return L
 
-    if results["significance"]:
-        L += ["## Paired bootstrap (WER difference B - A, 95% CI)", "",
-              f"Utterances resampled with replacement, {results['bootstrap']['num_samples']} samples, seed "
-              f"{results['bootstrap']['seed']}. \"Baseline\" here is one real system: the member with the median "
-              "WER on that set (lower median for an even count), because a paired test needs the same "
-              "system's errors on every utterance; pooling members would test an average that no single model "
-              "achieves. Negative delta: B has fewer errors.", "",
-              "| Set | A | B | delta WER | 95% CI | p |", "|---|---|---|---|---|---|"]
-        for sig in results["significance"]:
-            L.append(f"| {sig['set']} | {sig['a']} | {sig['b']} | {sig['delta']:+.2f} | "
-                     f"[{sig['ci_low']:+.2f}, {sig['ci_high']:+.2f}] | {sig['p_value']:.3f} |")
-        L.append("")
 
-    L += _ablation_md(results) + _diagnostics_md(results)
-    L += ["## All systems", ""]
+def _set_md(results: dict, s: str) -> list[str]:
+    """One set's paper-style table, the share of the ensemble's gain kept, and the verdicts."""
+    rows = _paper_rows(results, s)
+    if not rows:
+        return []
+    L = [f"## {s}", "", "| System | Frame acc. (%) | WER (%) |", "|---|---|---|"]
+    L += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    L.append("")
+    g = results["gain_kept"].get(s, {})
+    fa_kept = "n/a" if g.get("frame_acc") is None else f"{100 * g['frame_acc']:.0f}%"
+    wer_kept = "n/a" if g.get("wer") is None else f"{100 * g['wer']:.0f}%"
+    L.append(f"Share of the ensemble's gain kept by the distilled model, (distilled - baseline) / "
+             f"(ensemble - baseline): frame accuracy {fa_kept}, WER {wer_kept}.")
+    L.append("")
+    L += [f"- {v}" for v in _verdicts(results, s)]
+    L.append("")
+    return L
+
+
+def _significance_md(results: dict) -> list[str]:
+    """The paired bootstrap table, and why its baseline is the median member rather than the mean."""
+    if not results["significance"]:
+        return []
+    L = ["## Paired bootstrap (WER difference B - A, 95% CI)", "",
+         f"Utterances resampled with replacement, {results['bootstrap']['num_samples']} samples, seed "
+         f"{results['bootstrap']['seed']}. \"Baseline\" here is one real system: the member with the median "
+         "WER on that set (lower median for an even count), because a paired test needs the same "
+         "system's errors on every utterance; pooling members would test an average that no single model "
+         "achieves. Negative delta: B has fewer errors.", "",
+         "| Set | A | B | delta WER | 95% CI | p |", "|---|---|---|---|---|---|"]
+    for sig in results["significance"]:
+        L.append(f"| {sig['set']} | {sig['a']} | {sig['b']} | {sig['delta']:+.2f} | "
+                 f"[{sig['ci_low']:+.2f}, {sig['ci_high']:+.2f}] | {sig['p_value']:.3f} |")
+    L.append("")
+    return L
+
+
+def _all_systems_md(results: dict, sets: Sequence[str]) -> list[str]:
+    """Every system on every set (the member mean with its standard deviation)."""
+    L = ["## All systems", ""]
     head = "| System | Kind | Params | " + " | ".join(f"{s} FA | {s} WER" for s in sets) + " |"
     L += [head, "|" + "---|" * (3 + 2 * len(sets))]
     for r in results["systems"]:
@@ -665,8 +707,13 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
         params = r.get("params")
         L.append(f"| {r['name']} | {r['kind']} | {params if params is not None else 'n/a'} | " + " | ".join(cells) + " |")
     L.append("")
+    return L
 
-    L += ["## Chosen settings", ""]
+
+def _settings_md(results: dict) -> list[str]:
+    """The decoding weights tuned on dev and the distillation temperature chosen, so that every
+    figure above can be traced to the settings that produced it."""
+    L = ["## Chosen settings", ""]
     if results["tuning"]:
         L += ["Decoding weights tuned on dev by the decode stage (`decode/<system>/tune.json`):", "",
               "| System | acwt | LM weight | word insertion penalty |", "|---|---|---|---|"]
@@ -687,6 +734,21 @@ def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Pat
             L += ["| T | dev frame acc. (%) |", "|---|---|"]
             L += [f"| {t} | {_f(_num(v))} |" for t, v in per_t.items()]
         L.append("")
+    return L
+
+
+def write_results_md(results: dict, path: str | os.PathLike, plots: Sequence[Path] = (),
+                     command: str | None = None) -> Path:
+    """Write RESULTS.md from a results dict (see :func:`build_results`): one section after another."""
+    path = Path(path)
+    sets = results["sets"]
+    L = _header_md(results, path, command)
+    for s in sets:
+        L += _set_md(results, s)
+    L += _significance_md(results)
+    L += _ablation_md(results) + _diagnostics_md(results)
+    L += _all_systems_md(results, sets)
+    L += _settings_md(results)
     L += data_checks_md(results.get("data_checks"))
     if plots:
         L += ["## Plots", ""]
@@ -807,6 +869,66 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _metric_plot(plt: Any, results: dict, rows: list[dict], xs: list[float], xlabel: str, title: str,
+                 path: Path, logx: bool) -> Path:
+    """Frame accuracy and WER of ``rows`` against ``xs``, one line per set, the member mean dashed."""
+    base = _row(results, results.get("baseline"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, ylab in zip(axes, ("frame_acc", "wer"), ("frame accuracy (%)", "WER (%)")):
+        for s in results["sets"]:
+            ys = [r[metric].get(s) for r in rows]
+            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if not pts:
+                continue
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+            if base and base[metric].get(s) is not None:
+                ax.axhline(base[metric][s], color=line.get_color(), linestyle="--", linewidth=0.8)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylab)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title + " (dashed: member mean)")
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _training_curves_plot(plt: Any, results: dict, exp_dir: Path, path: Path) -> Path | None:
+    """Train and dev frame accuracy per epoch: members in grey, students in colour (None: no logs)."""
+    logs = [(p.parent.name, p, "member") for p in sorted((exp_dir / "members").glob("*/train_log.csv"))]
+    logs += [(p.parent.name, p, "student") for p in sorted((exp_dir / "distill").glob("*/train_log.csv"))]
+    if not logs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, p, role in logs:
+        cols = _read_train_log(p)
+        style = dict(color="0.6", linewidth=0.8) if role == "member" else dict(linewidth=1.6)
+        label = None if role == "member" else f"student {name}"
+        for ax, keys in zip(axes, (("train_frame_acc", "train_acc"), ("dev_frame_acc", "dev_acc"))):
+            key = next((k for k in keys if k in cols), None)
+            if key is None:
+                continue
+            ys = cols[key]
+            finite = [y for y in ys if not math.isnan(y)]
+            if finite and max(finite) <= 1.0:          # the training loop logs fractions
+                ys = [100.0 * y for y in ys]
+            ax.plot(cols["epoch"], ys, label=label, **style)
+    for ax, key in zip(axes, ("train frame accuracy (%)", "dev frame accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].plot([], [], color="0.6", label="members")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{results['corpus']}: training curves (grey: members)")
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
 def write_plots(results: dict, exp_dir: str | os.PathLike, plots_dir: str | os.PathLike | None = None) -> list[Path]:
     """PNG plots: metrics against ensemble size, against temperature, and training curves.
 
@@ -820,69 +942,21 @@ def write_plots(results: dict, exp_dir: str | os.PathLike, plots_dir: str | os.P
     exp_dir = Path(exp_dir)
     plots_dir = Path(plots_dir) if plots_dir else exp_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    sets = results["sets"]
     systems = results["systems"]
-    base = _row(results, results.get("baseline"))
     written: list[Path] = []
-
-    def metric_plot(rows: list[dict], xs: list[float], xlabel: str, title: str, fname: str, logx: bool) -> None:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, metric, ylab in zip(axes, ("frame_acc", "wer"), ("frame accuracy (%)", "WER (%)")):
-            for i, s in enumerate(sets):
-                ys = [r[metric].get(s) for r in rows]
-                pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-                if not pts:
-                    continue
-                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
-                if base and base[metric].get(s) is not None:
-                    ax.axhline(base[metric][s], color=line.get_color(), linestyle="--", linewidth=0.8)
-            if logx:
-                ax.set_xscale("log")
-            ax.set_xticks(xs)
-            ax.set_xticklabels([f"{x:g}" for x in xs])
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylab)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(title + " (dashed: member mean)")
-        written.append(_save(fig, plots_dir / fname))
-        plt.close(fig)
-
     ens = sorted((r for r in systems if r["kind"] == "ensemble"), key=_ensemble_size)
     if ens:
-        metric_plot(ens, [_ensemble_size(r) for r in ens], "ensemble size k (first k members by seed)",
-                    f"{results['corpus']}: ensemble size", "ensemble_size.png", logx=False)
+        written.append(_metric_plot(plt, results, ens, [_ensemble_size(r) for r in ens],
+                                    "ensemble size k (first k members by seed)",
+                                    f"{results['corpus']}: ensemble size", plots_dir / "ensemble_size.png", False))
     dist = sorted((r for r in systems if r["kind"] == "distilled"), key=lambda r: r["temperature"])
     if dist:
-        metric_plot(dist, [r["temperature"] for r in dist], "distillation temperature T",
-                    f"{results['corpus']}: distilled students", "temperature.png", logx=True)
-
-    logs = [(p.parent.name, p, "member") for p in sorted((exp_dir / "members").glob("*/train_log.csv"))]
-    logs += [(p.parent.name, p, "student") for p in sorted((exp_dir / "distill").glob("*/train_log.csv"))]
-    if logs:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for name, p, role in logs:
-            cols = _read_train_log(p)
-            style = dict(color="0.6", linewidth=0.8) if role == "member" else dict(linewidth=1.6)
-            label = None if role == "member" else f"student {name}"
-            for ax, keys in zip(axes, (("train_frame_acc", "train_acc"), ("dev_frame_acc", "dev_acc"))):
-                key = next((k for k in keys if k in cols), None)
-                if key is None:
-                    continue
-                ys = cols[key]
-                finite = [y for y in ys if not math.isnan(y)]
-                if finite and max(finite) <= 1.0:          # the training loop logs fractions
-                    ys = [100.0 * y for y in ys]
-                ax.plot(cols["epoch"], ys, label=label, **style)
-        for ax, key in zip(axes, ("train frame accuracy (%)", "dev frame accuracy (%)")):
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(key)
-            ax.grid(alpha=0.3)
-        axes[0].plot([], [], color="0.6", label="members")
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{results['corpus']}: training curves (grey: members)")
-        written.append(_save(fig, plots_dir / "training_curves.png"))
-        plt.close(fig)
+        written.append(_metric_plot(plt, results, dist, [r["temperature"] for r in dist],
+                                    "distillation temperature T", f"{results['corpus']}: distilled students",
+                                    plots_dir / "temperature.png", True))
+    curves = _training_curves_plot(plt, results, exp_dir, plots_dir / "training_curves.png")
+    if curves is not None:
+        written.append(curves)
     return written
 
 

@@ -21,7 +21,9 @@ collective until all are done). :class:`Shard` says which.
 
 Reading order: :func:`train_stack` (set up, resume, loop, export), then :func:`_train_epochs` (the
 loop itself) and the pieces it calls: ``_train_step``, ``_end_epoch`` (``evaluate``, ``_keep_best``,
-``_schedule``: newbob), ``_save_state`` / ``_resume`` (checkpoints), ``_EpochLog`` (logs).
+``_schedule``: newbob), ``_save_state`` / ``_resume`` (checkpoints), ``_EpochLog`` (logs). The
+posteriors and priors of trained models are written by :mod:`asr.posteriors`; when bf16 autocast is
+on is said by :mod:`asr.precision`.
 """
 
 from __future__ import annotations
@@ -39,16 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from asr.config import add_config_args, config_from_args, config_hash, config_to_dict, write_config
 from asr.frames import (FrameBatch, FrameData, iterate_batches, iterate_chunks, num_batches,
                         num_chunk_batches)
-from asr.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, is_done, mark_done, \
+from asr.io import atomic_torch_save, atomic_write_json, atomic_write_text, is_done, mark_done, \
     read_json, safe_torch_load
 from asr.models import ArchConfig, StackedModel, build_stack, get_arch, load_stack, save_model
+from asr.posteriors import write_priors
+from asr.precision import autocast, model_input, uses_bf16
 
 __all__ = [
     "Objective",
@@ -62,12 +65,6 @@ __all__ = [
     "train_members",
     "Shard",
     "evaluate",
-    "compute_log_posteriors",
-    "iter_log_posteriors",
-    "save_posteriors",
-    "mean_posteriors",
-    "write_priors",
-    "uses_bf16",
     "features_dtype",
     "add_cli",
 ]
@@ -365,21 +362,10 @@ def _wrap_ddp(model: StackedModel, shard: Shard, device: torch.device) -> torch.
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def uses_bf16(device: torch.device, dtype: str) -> bool:
-    """Whether matmuls run under bf16 autocast: ``bfloat16``, or ``auto`` on CUDA."""
-    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-
-
 def features_dtype(cfg: TrainConfig) -> torch.dtype:
     """How a data set is held in memory: bf16 on a GPU (half the memory, autocast reads it as is),
     float32 on a CPU (bf16 gathers are slow there; autocast casts each batch)."""
     return torch.bfloat16 if str(cfg.device).startswith("cuda") and cfg.dtype != "float32" else torch.float32
-
-
-def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if uses_bf16(device, dtype):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _epoch_generator(data_seed: int, epoch: int) -> torch.Generator:
@@ -407,10 +393,6 @@ def _batch_generator(data_seed: int, epoch: int, batch: int) -> torch.Generator:
     """The generator an objective's ``prepare`` draws from: fixed per (run, epoch, batch), so a
     resumed run augments exactly as an uninterrupted one."""
     return torch.Generator().manual_seed(int(data_seed) * 1_000_003 + int(epoch) * 104_729 + int(batch) * 31 + 5)
-
-
-def _input(x: torch.Tensor, autocast_on: bool) -> torch.Tensor:
-    return x if autocast_on or x.dtype == torch.float32 else x.float()
 
 
 @contextlib.contextmanager
@@ -451,8 +433,8 @@ def evaluate(model: torch.nn.Module | StackedModel, data: FrameData, cfg: TrainC
         batch = shard.slice(batch, chunked=False)
         if batch.labels.numel() == 0:
             continue
-        with _autocast(device, cfg.dtype):
-            logits = inner(_input(batch.x, bf16))                       # (M, rows, pdfs)
+        with autocast(device, cfg.dtype):
+            logits = inner(model_input(batch.x, bf16))                  # (M, rows, pdfs)
         n = (batch.labels >= 0).sum()
         loss_sum += objective(logits, batch).double() * n
         correct += ((logits.argmax(-1) == batch.labels) & (batch.labels >= 0)).sum(1).double()
@@ -742,8 +724,8 @@ def _train_step(run: _Run, state: _State, fwd: torch.nn.Module, objective: Objec
     gcount = (batch.labels >= 0).sum()
     batch = run.shard.slice(batch, chunked=run.cfg.chunk_len > 0)
     n = (batch.labels >= 0).sum()
-    with _autocast(run.device, run.cfg.dtype):
-        logits = fwd(_input(batch.x, uses_bf16(run.device, run.cfg.dtype)))   # (M, rows, pdfs)
+    with autocast(run.device, run.cfg.dtype):
+        logits = fwd(model_input(batch.x, uses_bf16(run.device, run.cfg.dtype)))  # (M, rows, pdfs)
     loss_vec = objective(logits, batch)                                         # (M,)
     # DDP averages gradients over ranks: weight each rank by its share of the global batch.
     scale = (n.double() * world / gcount.clamp(min=1)).to(loss_vec.dtype) if world > 1 else 1.0
@@ -913,90 +895,6 @@ def train_stack(cfg: TrainConfig, train: FrameData, dev: FrameData, out_dir: str
 
 
 # --------------------------------------------------------------------------------------------
-# Posteriors
-
-
-@torch.no_grad()
-def iter_log_posteriors(model: StackedModel, data: FrameData, batch_size: int = 4096,
-                        dtype: str = "auto") -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, end, log_posteriors)`` with ``(M, end - start, pdfs)`` float32 for all frames in order."""
-    device = next(model.parameters()).device
-    if data.device != device:
-        data = data.to(device)
-    ac = _autocast(device, dtype)
-    ac_on = not isinstance(ac, contextlib.nullcontext)
-    was = model.training
-    model.eval()
-    left, right = model.context
-    start = 0
-    for batch in iterate_batches(data, batch_size, left, right, None, shuffle=False, only_labelled=False):
-        with ac:
-            logits = model(_input(batch.x, ac_on))
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        end = start + batch.frame_idx.numel()
-        yield start, end, lp
-        start = end
-    model.train(was)
-
-
-def compute_log_posteriors(model: StackedModel, data: FrameData, batch_size: int = 4096,
-                           dtype: str = "auto") -> torch.Tensor:
-    """Natural-log posteriors of every frame (labelled or not): ``(M, num_frames_total, pdfs)`` float32, CPU."""
-    out = torch.empty(model.num_members, data.num_frames, model.num_pdfs, dtype=torch.float32)
-    for s, e, lp in iter_log_posteriors(model, data, batch_size, dtype):
-        out[:, s:e] = lp.cpu()
-    return out
-
-
-def mean_posteriors(model: StackedModel, data: FrameData, batch_size: int = 4096, dtype: str = "auto") -> np.ndarray:
-    """Per member, the mean posterior over every frame of ``data``: ``(M, pdfs)`` float64."""
-    acc = torch.zeros(model.num_members, model.num_pdfs, dtype=torch.float64)
-    for _, _, lp in iter_log_posteriors(model, data, batch_size, dtype):
-        acc += lp.exp().sum(dim=1).double().cpu()
-    return (acc / max(data.num_frames, 1)).numpy()
-
-
-def write_priors(model: StackedModel, data: FrameData, out_paths: Sequence[str | os.PathLike],
-                 batch_size: int = 4096, dtype: str = "auto", floor: float = 1e-8) -> list[Path]:
-    """Write each member's *posterior priors*: its mean posterior over the training frames, floored
-    and renormalised (Kaldi's nnet3-am-adjust-priors). A model trained on soft targets (or an
-    ensemble average) is calibrated to its own mean output, not to the hard labels' counts."""
-    from asr.io import atomic_save_npy
-
-    if len(out_paths) != model.num_members:
-        raise ValueError(f"{len(out_paths)} prior paths for {model.num_members} member(s)")
-    priors = np.maximum(mean_posteriors(model, data, batch_size, dtype), floor)
-    priors /= priors.sum(axis=1, keepdims=True)
-    for p, row in zip(out_paths, priors):
-        atomic_save_npy(p, row)
-    return [Path(p) for p in out_paths]
-
-
-def save_posteriors(model: StackedModel, data: FrameData, out_paths: Sequence[str | os.PathLike],
-                    batch_size: int = 4096, dtype: str = "auto") -> list[Path]:
-    """Write ``post/<set>.npy`` per member: float16 ``(num_frames_total, pdfs)`` log-posteriors.
-
-    Streams batches into memory-mapped temporary files renamed into place at the end, so sets far
-    larger than memory work and a killed run leaves no partial file.
-    """
-    paths = [Path(p) for p in out_paths]
-    if len(paths) != model.num_members:
-        raise ValueError(f"{len(paths)} output paths for {model.num_members} member(s)")
-    with contextlib.ExitStack() as stack:
-        tmps = [stack.enter_context(atomic_path(p)) for p in paths]
-        mms = [np.lib.format.open_memmap(t, mode="w+", dtype=np.float16,
-                                         shape=(data.num_frames, model.num_pdfs)) for t in tmps]
-        for s, e, lp in iter_log_posteriors(model, data, batch_size, dtype):
-            arr = lp.to(torch.float16).cpu().numpy()
-            for m, mm in enumerate(mms):
-                mm[s:e] = arr[m]
-        for mm in mms:
-            mm.flush()
-        del mms
-    return paths
-
-
-# --------------------------------------------------------------------------------------------
 # Library entry point for the CLI
 
 
@@ -1092,21 +990,6 @@ def _cli_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli_posteriors(args: argparse.Namespace) -> int:
-    if len(args.model) != len(args.out):
-        raise SystemExit(f"--model and --out need the same number of paths ({len(args.model)} vs {len(args.out)})")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    model = load_stack(args.model).to(args.device)
-    data = FrameData.from_dirs(args.feats_dir, None, cmvn=args.cmvn, device=args.device)
-    if data.feat_dim != model.input_feat_dim:
-        raise SystemExit(f"{args.feats_dir}: features have dim {data.feat_dim}, model expects {model.input_feat_dim}")
-    paths = save_posteriors(model, data, args.out, batch_size=args.batch_size, dtype=args.dtype)
-    for p in paths:
-        log.info("wrote %s (%d frames x %d pdfs, float16 log-posteriors)", p, data.num_frames, model.num_pdfs)
-    return 0
-
-
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-members", help="train N frame-classifier members (seeds 1..N) with cross-entropy",
                        description="Example: asr train-members --feats-dir feats/train --ali-dir ali/train "
@@ -1127,17 +1010,3 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--sequential", dest="sequential", action="store_true",
                       help="train members one after another, each with its own data order")
     p.set_defaults(func=_cli_train)
-
-    q = sub.add_parser("posteriors", help="write float16 log-posteriors of every frame of a set",
-                       description="Example: asr posteriors --model members/seed1/model.pt "
-                                   "--feats-dir feats/dev --out members/seed1/post/dev.npy")
-    q.add_argument("--model", nargs="+", required=True, help="one or more model.pt (same architecture)")
-    q.add_argument("--feats-dir", required=True)
-    q.add_argument("--out", nargs="+", required=True, help="one .npy per model")
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--batch-size", type=int, default=4096)
-    q.add_argument("--cmvn", default="speaker")
-    q.add_argument("--threads", type=int, default=0)
-    q.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="bfloat16: bf16 autocast (fast on CUDA and CPUs with avx512_bf16)")
-    q.set_defaults(func=_cli_posteriors)

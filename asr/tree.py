@@ -471,6 +471,101 @@ def _merge_leaves(leaves: list[_Grow], thresh: float, var_floor: float) -> tuple
     return assign, merges
 
 
+_Questions = dict[int, tuple[list[frozenset[int]], np.ndarray]]
+
+
+def _question_matrix(qs: list[frozenset[int]], size: int) -> np.ndarray:
+    """``(Q, size)`` 0/1 rows, one a question, so one product sums the statistics of every 'yes' set."""
+    m = np.zeros((len(qs), size))
+    for i, q in enumerate(qs):
+        m[i, sorted(q)] = 1.0
+    return m
+
+
+def _make_questions(stats: TreeStats, phones: list[int], num_pdf_classes: dict[int, int],
+                    cfg: TreeConfig) -> tuple[list[frozenset[int]], list[frozenset[int]], _Questions]:
+    """Phone questions clustered from each phone's statistics (of pdf class ``question_pdf_class``) and
+    pdf-class questions; returns both lists and the questions asked of each key, with their matrices."""
+    universe = max(phones) + 1
+    qc = cfg.question_pdf_class
+    phone_stats: dict[int, np.ndarray] = {}
+    for p in phones:
+        m = (stats.keys[:, 1] == p) & (stats.keys[:, 3] == min(qc, num_pdf_classes[p] - 1))
+        phone_stats[p] = stats.stats[m].sum(0) if m.any() else np.zeros(stats.stats.shape[1])
+    pq = phone_questions(phone_stats, cfg.var_floor)
+    cq = pdf_class_questions(max(num_pdf_classes[p] for p in phones))
+    questions = {0: (pq, _question_matrix(pq, universe)), 2: (pq, _question_matrix(pq, universe)),
+                 PDF_CLASS_KEY: (cq, _question_matrix(cq, max(cq[-1]) + 2 if cq else 1))}
+    return pq, cq, questions
+
+
+class _Frontier:
+    """The leaves that can still split, best gain first (ties in creation order, so growth is
+    deterministic)."""
+
+    def __init__(self, stats: TreeStats, questions: _Questions, cfg: TreeConfig) -> None:
+        self.stats, self.questions, self.cfg = stats, questions, cfg
+        self.heap: list = []
+        self.tie = itertools.count()
+
+    def add(self, leaf: _Grow) -> None:
+        _best_split(leaf, self.stats, self.questions, self.cfg)
+        if leaf.best is not None:
+            heapq.heappush(self.heap, (-leaf.best[0], next(self.tie), leaf))
+
+
+def _grow(stats: TreeStats, phones: list[int], questions: _Questions,
+          cfg: TreeConfig) -> tuple[dict[int, _Grow], int, list[float]]:
+    """One root per phone, then greedy splits (largest gain first) until ``num_leaves`` or the gain
+    falls below ``split_thresh``. Returns the roots, the leaf count and the gain of every split."""
+    roots: dict[int, _Grow] = {}
+    frontier = _Frontier(stats, questions, cfg)
+    for p in phones:
+        idx = np.nonzero(stats.keys[:, 1] == p)[0]
+        leaf = _Grow(idx, stats.stats[idx].sum(0) if idx.size else np.zeros(stats.stats.shape[1]))
+        roots[p] = leaf
+        if idx.size:
+            frontier.add(leaf)
+    num_leaves, gains = len(roots), []
+    while frontier.heap and num_leaves < cfg.num_leaves:
+        neg, _, leaf = heapq.heappop(frontier.heap)
+        if -neg < cfg.split_thresh:
+            break
+        _, key, q = leaf.best
+        inq = np.isin(stats.keys[leaf.idx, _KEY_COLUMN[key]], sorted(q))
+        kids = []
+        for mask in (inq, ~inq):
+            idx = leaf.idx[mask]
+            kid = _Grow(idx, stats.stats[idx].sum(0))
+            frontier.add(kid)
+            kids.append(kid)
+        leaf.split = (key, q, kids[0], kids[1])
+        gains.append(-neg)
+        num_leaves += 1
+    return roots, num_leaves, gains
+
+
+def _assign_pdfs(roots: dict[int, _Grow], phones: list[int], thresh: float,
+                 var_floor: float) -> tuple[dict[int, Node], int, int]:
+    """Merge leaves within each root (when ``thresh`` > 0), then number the clusters as pdfs in phone
+    order, tree order. Returns the frozen roots, the number of pdfs and of merges."""
+    merged = 0
+    next_pdf = 0
+    tree_roots: dict[int, Node] = {}
+    for p in phones:
+        grown = _grown_leaves(roots[p])
+        assign, m = _merge_leaves(grown, thresh, var_floor) if thresh > 0 else (list(range(len(grown))), 0)
+        merged += m
+        pdf_of: dict[int, int] = {}
+        for c in assign:
+            if c not in pdf_of:
+                pdf_of[c] = next_pdf
+                next_pdf += 1
+        leaf_pdf = {id(g): pdf_of[c] for g, c in zip(grown, assign)}
+        tree_roots[p] = _freeze(roots[p], leaf_pdf)
+    return tree_roots, next_pdf, merged
+
+
 def build_tree(stats: TreeStats, phones: Sequence[int], num_pdf_classes: dict[int, int],
                cfg: TreeConfig = TreeConfig()) -> tuple[Tree, dict]:
     """Grow the tree (greedy splits up to ``num_leaves``), then merge leaves within each root.
@@ -483,77 +578,18 @@ def build_tree(stats: TreeStats, phones: Sequence[int], num_pdf_classes: dict[in
     universe = max(phones) + 1
     if stats.keys.size and int(stats.keys[:, :3].max()) >= universe:
         raise TreeError(f"tree statistics mention phone {int(stats.keys[:, :3].max())}, the lang has {universe - 1}")
-    qc = cfg.question_pdf_class
-    phone_stats: dict[int, np.ndarray] = {}
-    for p in phones:
-        m = (stats.keys[:, 1] == p) & (stats.keys[:, 3] == min(qc, num_pdf_classes[p] - 1))
-        phone_stats[p] = stats.stats[m].sum(0) if m.any() else np.zeros(stats.stats.shape[1])
-    pq = phone_questions(phone_stats, cfg.var_floor)
-    cq = pdf_class_questions(max(num_pdf_classes[p] for p in phones))
-
-    def matrix(qs: list[frozenset[int]], size: int) -> np.ndarray:
-        m = np.zeros((len(qs), size))
-        for i, q in enumerate(qs):
-            m[i, sorted(q)] = 1.0
-        return m
-
-    questions = {0: (pq, matrix(pq, universe)), 2: (pq, matrix(pq, universe)),
-                 PDF_CLASS_KEY: (cq, matrix(cq, max(cq[-1]) + 2 if cq else 1))}
-
+    pq, cq, questions = _make_questions(stats, phones, num_pdf_classes, cfg)
     t0 = time.time()
-    roots: dict[int, _Grow] = {}
-    heap: list = []
-    tie = itertools.count()
-    for p in phones:
-        idx = np.nonzero(stats.keys[:, 1] == p)[0]
-        leaf = _Grow(idx, stats.stats[idx].sum(0) if idx.size else np.zeros(stats.stats.shape[1]))
-        roots[p] = leaf
-        if idx.size:
-            _best_split(leaf, stats, questions, cfg)
-            if leaf.best is not None:
-                heapq.heappush(heap, (-leaf.best[0], next(tie), leaf))
-    num_leaves, gains = len(roots), []
-    while heap and num_leaves < cfg.num_leaves:
-        neg, _, leaf = heapq.heappop(heap)
-        if -neg < cfg.split_thresh:
-            break
-        _, key, q = leaf.best
-        vals = stats.keys[leaf.idx, _KEY_COLUMN[key]]
-        inq = np.isin(vals, sorted(q))
-        kids = []
-        for mask in (inq, ~inq):
-            idx = leaf.idx[mask]
-            kid = _Grow(idx, stats.stats[idx].sum(0))
-            _best_split(kid, stats, questions, cfg)
-            if kid.best is not None:
-                heapq.heappush(heap, (-kid.best[0], next(tie), kid))
-            kids.append(kid)
-        leaf.split = (key, q, kids[0], kids[1])
-        gains.append(-neg)
-        num_leaves += 1
+    roots, num_leaves, gains = _grow(stats, phones, questions, cfg)
     split_seconds = time.time() - t0
-
-    # merging within each root, then pdf ids in phone order, tree order
     thresh = cfg.merge_thresh if cfg.merge_thresh >= 0 else (min(gains) if gains else 0.0)
-    merged = 0
-    next_pdf = 0
-    tree_roots: dict[int, Node] = {}
-    for p in phones:
-        grown = _grown_leaves(roots[p])
-        assign, m = _merge_leaves(grown, thresh, cfg.var_floor) if thresh > 0 else (list(range(len(grown))), 0)
-        merged += m
-        pdf_of: dict[int, int] = {}
-        for c in assign:
-            if c not in pdf_of:
-                pdf_of[c] = next_pdf
-                next_pdf += 1
-        leaf_pdf = {id(g): pdf_of[c] for g, c in zip(grown, assign)}
-        tree_roots[p] = _freeze(roots[p], leaf_pdf)
+    tree_roots, num_pdfs, merged = _assign_pdfs(roots, phones, thresh, cfg.var_floor)
+
     total = gauss_objf(stats.stats.sum(0), cfg.var_floor) if stats.stats.size else 0.0
     leaf_objf = sum(float(gauss_objf(g.stats, cfg.var_floor)) for p in phones for g in _grown_leaves(roots[p]))
     info = {
         "num_questions": {"phone": len(pq), "pdf_class": len(cq)},
-        "num_leaves_split": num_leaves, "num_leaves": next_pdf, "num_merged": merged,
+        "num_leaves_split": num_leaves, "num_leaves": num_pdfs, "num_merged": merged,
         "merge_thresh": thresh, "smallest_split_gain": min(gains) if gains else None,
         "objf_per_frame_root": round(float(total / max(stats.stats[:, 0].sum(), 1.0)), 4),
         "objf_gain_per_frame": round(float(sum(gains) / max(stats.stats[:, 0].sum(), 1.0)), 4),

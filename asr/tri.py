@@ -34,7 +34,7 @@ import numpy as np
 import kaldi_hmm_gmm as khg  # noqa: I001  (must be imported before kaldifst)
 
 from asr.config import add_config_args, config_from_args, config_to_dict, write_config
-from asr.align import _Runner, align
+from asr.align import _add_required_paths, _Runner, align
 from asr.cepstra import GmmFeatureSource
 from asr.gmm import estimate, training_subset
 from asr.gmm_model import GmmError, GmmModel, _model_config, _model_path
@@ -132,10 +132,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-tri", help="triphone GMM-HMM on a decision tree + training-set alignment")
     p.add_argument("--tree-dir", required=True, help="output of build-tree")
     p.add_argument("--mono-dir", required=True, help="the monophone GMM the tree was grown on")
-    p.add_argument("--feats-dir", required=True)
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--lang-dir", required=True)
-    p.add_argument("--out-dir", required=True)
+    _add_required_paths(p, "--feats-dir", "--manifest", "--lang-dir", "--out-dir")
     p.add_argument("--ali-dir", default=None, help="where the training labels go (default OUT_DIR/ali_train)")
     add_config_args(p)
     p.add_argument("--nj", type=int, default=1, help="worker processes")

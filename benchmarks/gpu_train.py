@@ -29,8 +29,8 @@ import torch  # noqa: E402
 
 from asr.frames import FrameData, iterate_batches  # noqa: E402
 from asr.models import build_stack  # noqa: E402
-from asr.train import (CrossEntropyObjective, StackedOptimizer, TrainConfig, compute_log_posteriors,  # noqa: E402
-                       resolve_arch, train_stack)
+from asr.posteriors import compute_log_posteriors  # noqa: E402
+from asr.train import CrossEntropyObjective, StackedOptimizer, TrainConfig, resolve_arch, train_stack  # noqa: E402
 
 PEAK_BF16 = 989e12   # H100/H200 SXM dense bf16 (datasheet); MFU is relative to this
 

@@ -404,7 +404,7 @@ def test_unlabelled_rows_get_the_soft_term_only():
 
 
 def test_posterior_priors_are_the_mean_posterior():
-    from asr.train import write_priors
+    from asr.posteriors import write_priors
 
     data = _data(5, seed=3)
     model = build_stack(ARCH, FEAT, PDFS, [4, 5])

@@ -17,8 +17,10 @@ import torch
 
 from asr.frames import FrameBatch, FrameData
 from asr.models import load_model
-from asr.train import (CrossEntropyObjective, StackedOptimizer, TrainConfig, TrainError, add_cli,
-                       compute_log_posteriors, evaluate, save_posteriors, train_seeds, train_stack)
+from asr.posteriors import add_cli as add_posteriors_cli
+from asr.posteriors import compute_log_posteriors, save_posteriors
+from asr.train import (CrossEntropyObjective, StackedOptimizer, TrainConfig, TrainError, add_cli, evaluate,
+                       train_seeds, train_stack)
 
 torch.set_num_threads(1)
 
@@ -312,7 +314,9 @@ def test_cli_train_members_and_posteriors(tmp_path, monkeypatch):
         np.save(tmp_path / "ali" / name / "labels.npy", data.labels.numpy().astype(np.int32))
         (tmp_path / "ali" / name / "info.json").write_text(f'{{"num_pdfs": {P}}}')
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers())
+    sub = parser.add_subparsers()
+    add_cli(sub)
+    add_posteriors_cli(sub)
     sets = ["--set", "hidden_dim=16", "--set", "hidden_layers=1", "--set", "epochs=1", "--set", "left=1",
             "--set", "right=1", "--set", "window_step=1", "--set", "tensorboard=false", "--set", "progress=false"]
     common = ["--feats-dir", str(tmp_path / "feats/train"), "--ali-dir", str(tmp_path / "ali/train"),
