@@ -34,6 +34,7 @@ __all__ = [
     "load_model",
     "gmm_loglikes",
     "transition_tables",
+    "set_transition_log_probs",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -205,9 +206,7 @@ class GmmModel:
         if len(self.transition_log_probs) != tm.num_transition_ids + 1:
             raise GmmError(f"model has {len(self.transition_log_probs) - 1} transition ids, topology gives "
                            f"{tm.num_transition_ids}")
-        stats = np.exp(self.transition_log_probs) * 1e6
-        stats[0] = 0.0
-        tm.mle_update(stats, khg.MleTransitionUpdateConfig(floor=1e-30, mincount=0.0))
+        set_transition_log_probs(tm, self.transition_log_probs)
         return tm
 
     # I/O -------------------------------------------------------------------------------------
@@ -246,6 +245,15 @@ class GmmModel:
                  config=self.config, tree=self.tree)
         d.update(kw)
         return GmmModel(**d)
+
+
+def set_transition_log_probs(tm: khg.TransitionModel, log_probs: np.ndarray) -> None:
+    """Give ``tm`` the transition probabilities ``exp(log_probs)`` (index 0 unused). The bindings
+    have no setter, so one ML update whose counts are those probabilities, with no floor and no
+    minimum count, reproduces them."""
+    stats = np.exp(np.asarray(log_probs, dtype=np.float64)) * 1e6
+    stats[0] = 0.0
+    tm.mle_update(stats, khg.MleTransitionUpdateConfig(floor=1e-30, mincount=0.0))
 
 
 def transition_tables(tm: khg.TransitionModel) -> tuple[np.ndarray, np.ndarray]:

@@ -183,7 +183,8 @@ def _transition_model(lang: object, ctx: object, transition_log_probs: str | Non
     """The transition model of ``ctx`` on the lang's topology, with the GMM's trained transition
     probabilities when given (set by one ML update whose counts are those probabilities)."""
     import kaldi_hmm_gmm as khg  # noqa: I001  (before kaldifst)
-    import numpy as np
+
+    from asr.gmm_model import set_transition_log_probs
 
     tm = khg.TransitionModel(ctx, lang.topology())
     if transition_log_probs:
@@ -191,9 +192,7 @@ def _transition_model(lang: object, ctx: object, transition_log_probs: str | Non
         if lp.shape != (tm.num_transition_ids + 1,):
             raise GraphError(f"{transition_log_probs}: {lp.shape[0] - 1} transition ids, the lang's "
                              f"topology gives {tm.num_transition_ids}")
-        stats = np.exp(lp) * 1e6
-        stats[0] = 0.0
-        tm.mle_update(stats, khg.MleTransitionUpdateConfig(floor=1e-30, mincount=0.0))
+        set_transition_log_probs(tm, lp)
     return tm
 
 

@@ -27,7 +27,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import os
@@ -44,7 +43,7 @@ import kaldifst
 
 from asr.config import add_config_args, config_from_args, config_hash, write_config
 from asr.lexicon import PHONES
-from asr.io import atomic_path, atomic_write_json, atomic_write_text, is_done, mark_done, read_json
+from asr.io import atomic_path, atomic_write_json, atomic_write_text, file_sha1, is_done, mark_done, read_json
 
 __all__ = [
     "CMU_PHONES",
@@ -257,10 +256,6 @@ def _compile_fst(text: str) -> kaldifst.StdVectorFst:
 # prepare_lang
 
 
-def _sha1_file(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
-
-
 def _write_symbols(path: Path, symbols: Sequence[str]) -> None:
     atomic_write_text(path, "".join(f"{s} {i}\n" for i, s in enumerate(symbols)))
 
@@ -387,8 +382,8 @@ def prepare_lang(
         raise LangError(f"lexicon {lexicon_path} does not exist (run the lexicon step first)")
     stamp = {
         "config_hash": config_hash(cfg),
-        "lexicon_sha1": _sha1_file(lexicon_path),
-        "vocab_sha1": [_sha1_file(p) for p in vocab_paths] if vocab_paths else None,
+        "lexicon_sha1": file_sha1(lexicon_path, 12),
+        "vocab_sha1": [file_sha1(p, 12) for p in vocab_paths] if vocab_paths else None,
     }
     t = _build_tables(_load_lexicon(lexicon_path, cfg, vocab_paths), cfg)
 
