@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import make_librispeech
 
@@ -267,3 +269,17 @@ def test_mini_recipe_smoke_tied_states(tmp_path: Path) -> None:
     assert rows["tri"]["member-seed1"]["num_pdfs"] == tied
     assert rows["mono"]["member-seed1"]["num_pdfs"] == mono and "gmm-tri" not in rows["mono"]
     assert all(math.isfinite(rows["tri"]["gmm-tri"]["wer"][s]) for s in ("dev-clean", "test-clean"))
+    # One row of README's distillation ablation on these members: a variant with an override, which
+    # leaves the recipe's own student as it was.
+    reported = (tri_exp / "distill" / "choice.json").read_bytes()
+    variant = [str(ROOT / "recipes" / "mini" / "local" / "distill_variant.sh"), "--exp", str(tri_exp),
+               "--conf", str(conf), "v_lr", "lr=0.0005"]
+    r = subprocess.run(variant, capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    got = re.search(r"v_lr \(T1\): frame accuracy dev-clean ([0-9.]+) %, test-clean ([0-9.]+) %", r.stdout)
+    assert got, r.stdout[-2000:]
+    choice = json.loads((tri_exp / "v_lr" / "choice.json").read_text())
+    assert float(got.group(1)) == pytest.approx(choice["per_temperature"]["1"], abs=0.005)
+    assert 0 <= float(got.group(2)) <= 100
+    assert yaml.safe_load((tri_exp / "v_lr" / "config.yaml").read_text())["lr"] == 0.0005
+    assert (tri_exp / "distill" / "choice.json").read_bytes() == reported
