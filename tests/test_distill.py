@@ -422,6 +422,23 @@ def test_posterior_priors_are_the_mean_posterior():
         assert got[m].sum() == pytest.approx(1.0)
 
 
+def test_ensemble_beats_the_member_mean_on_a_fixed_task(tiny_setup):
+    """A quality floor: on the tiny noisy task, the three members' arithmetic ensemble must beat
+    their mean dev frame accuracy; it fails if averaging or the members break."""
+    from asr.ensemble import ensemble_log_posteriors
+    from asr.models import load_stack
+    from asr.posteriors import compute_log_posteriors
+    from asr.scoring import frame_accuracy
+
+    _, teachers, sets = tiny_setup
+    dev = sets["dev"]
+    post = compute_log_posteriors(load_stack(teachers), dev, dtype="float32").numpy()
+    labels = dev.labels.numpy()
+    members = [frame_accuracy(post[m], labels)[0] for m in range(len(teachers))]
+    ensemble, _ = frame_accuracy(ensemble_log_posteriors(list(post)), labels)
+    assert ensemble > float(np.mean(members)) + 0.5, (ensemble, members)
+
+
 def test_student_beats_the_member_mean_on_a_fixed_task(tiny_setup):
     """A quality floor: on the tiny noisy task, the distilled student (online targets, transfer
     frames) must beat the average member on dev frame accuracy; it fails if distillation breaks."""

@@ -322,6 +322,22 @@ def test_scorer_matches_model(trained, corpus):
     assert np.median(rank) < 10
 
 
+def test_gmm_beats_chance_by_a_margin(trained, corpus):
+    """A quality floor: classifying each frame by its likeliest pdf, the trained GMM agrees with
+    its own alignment far more often than chance (1 / pdfs); it fails if training breaks."""
+    store = _store(corpus)
+    sc = GmmScorer(trained / "mono", corpus["feats"])
+    labels = LabelStore(trained / "ali")
+    hits = frames = 0
+    for uid in store.ids:
+        lab = labels.utt(store, uid)
+        ok = lab >= 0
+        hits += int((sc.loglikes(uid).argmax(1) == lab)[ok].sum())
+        frames += int(ok.sum())
+    accuracy, chance = hits / frames, 1.0 / sc.num_pdfs
+    assert accuracy > 0.4 and accuracy > 20 * chance, (accuracy, chance)
+
+
 def test_cli_train_and_align(corpus, tmp_path):
     from asr.cli import main
 
