@@ -208,13 +208,10 @@ def _frame_accuracy(log_post: np.ndarray, ali_dir: Path, chunk: int = 65536) -> 
     labels = LabelStore(ali_dir).labels
     if labels.shape[0] != log_post.shape[0]:
         raise EnsembleError(f"{ali_dir}: {labels.shape[0]} labels for {log_post.shape[0]} posterior frames")
-    correct = total = 0
-    for a in range(0, labels.shape[0], chunk):
-        lab = labels[a:a + chunk]
-        ok = lab >= 0
-        correct += int((np.asarray(log_post[a:a + chunk]).argmax(1) == lab)[ok].sum())
-        total += int(ok.sum())
-    return 100.0 * correct / total if total else None
+    from asr.scoring import frame_accuracy
+
+    acc, counted = frame_accuracy(log_post, labels, chunk)
+    return acc if counted else None
 
 
 def _write_ensemble_priors(members: Sequence[Path], out: Path, mode: str) -> None:
